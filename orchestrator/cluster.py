@@ -1,0 +1,70 @@
+"""Connect to Ray: join a cluster when an address is given, else start a local one on loopback."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import ray
+
+
+class ClusterError(RuntimeError):
+    """Ray could not be started or reached; the message says what to check."""
+
+
+@dataclass
+class RayInfo:
+    """Where the Ray cluster is and what it offers."""
+
+    address: str
+    dashboard_url: str | None
+    cpus: float
+    started_here: bool
+    start_seconds: float
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, namespace: str = "weightgen") -> RayInfo:
+    """Join `address` (or $RAY_ADDRESS); without one start a local Ray bound to 127.0.0.1 with its dashboard."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if ray.is_initialized():
+        return _info(address or "existing", False, 0.0)
+    t0 = time.perf_counter()
+    try:
+        if address:
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
+        else:
+            ray.init(
+                num_cpus=num_cpus,
+                namespace=namespace,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",  # never expose the dashboard beyond this machine by default
+                _node_ip_address="127.0.0.1",
+                logging_level=logging.WARNING,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
+        raise ClusterError(
+            f"could not connect to {where}: {e}. Check that `ray start --head` is running there (and "
+            "RAY_AUTH_MODE/token settings match), or unset RAY_ADDRESS / drop --address to run locally."
+        ) from e
+    return _info(address or "local", address is None, time.perf_counter() - t0)
+
+
+def _info(address: str, started: bool, seconds: float) -> RayInfo:
+    ctx = ray.get_runtime_context()
+    url = None
+    try:
+        url = ray._private.worker.get_dashboard_url() or None
+    except Exception:  # the dashboard is optional; its absence must not stop a run
+        pass
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    del ctx
+    return RayInfo(address, url, float(ray.cluster_resources().get("CPU", 0)), started, seconds)
+
+
+def shutdown(info: RayInfo | None) -> None:
+    """Stop Ray if this process started it."""
+    if info is not None and info.started_here and ray.is_initialized():
+        ray.shutdown()

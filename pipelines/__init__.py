@@ -1,0 +1,1 @@
+"""Pipeline stages: each is `run(cfg, ctx) -> outputs` plus a thin `main()`."""

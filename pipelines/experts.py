@@ -1,0 +1,116 @@
+"""Stage `experts`: the expert farm trains one task network per (task, seed) into the weight store.
+
+    python -m pipelines.experts --preset default --set seeds_per_task=1 --set steps=300
+
+Reads `<run_dir>/features`, writes `<run_dir>/store/weights`. Rerunning resumes: shards already in
+the store with valid checksums are skipped, corrupted or missing ones are (re)trained.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.cli import ConfigError, RunContext, check_choice, check_range
+
+INITS = ("shared", "independent")
+
+
+@dataclass(frozen=True)
+class ExpertsConfig:
+    """How the farm trains per-task experts and how it spreads them over Ray actors."""
+
+    hidden: int = 32  # task network hidden width (adapter image -> hidden -> text space)
+    logit_scale: float = 10.0  # fixed scale of the cosine logits
+    steps: int = 300  # full-batch Adam steps per expert
+    lr: float = 1e-3  # Adam learning rate
+    sample_fraction: float = 1.0  # share of the support set each step sees (1 = full batch)
+    seeds_per_task: int = 1  # experts per task (K seeds)
+    init: str = "shared"  # shared: every expert starts from one init (aligned weights); independent: one per expert
+    init_seed: int = 0  # seed of the shared init (or base of the independent ones)
+    init_from: str | None = None  # safetensors file with a flat 'w' to start every expert from (e.g. a multitask solution)
+    checkpoint_every: int = 0  # also store weights every N steps (0: final only)
+    shard_size: int = 64  # most experts trained together by one actor call (vmapped)
+    shard_samples: int = 12288  # most padded support samples (experts x largest support set) in one shard
+    num_actors: int = 1  # farm actors; few is best: each holds the features and a torch runtime
+    cpus_per_actor: int = 2  # CPUs (and torch threads) per actor
+    seed: int = 0  # seeds stochastic minibatches (sample_fraction < 1)
+
+    def __post_init__(self):
+        check_choice("init", self.init, INITS)
+        check_range("hidden", self.hidden, 1)
+        check_range("steps", self.steps, 1)
+        check_range("lr", self.lr, 1e-7, 10.0)
+        check_range("sample_fraction", self.sample_fraction, 0.01, 1.0)
+        check_range("seeds_per_task", self.seeds_per_task, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 0)
+        check_range("shard_size", self.shard_size, 1)
+        check_range("shard_samples", self.shard_samples, 1)
+        check_range("num_actors", self.num_actors, 1)
+        check_range("cpus_per_actor", self.cpus_per_actor, 1)
+        if self.seeds_per_task > 1 and self.init == "shared" and self.sample_fraction == 1.0 and not self.init_from:
+            raise ConfigError(
+                "seeds_per_task > 1 with a shared init and full-batch training trains identical experts; "
+                "set sample_fraction < 1 (stochastic minibatches) or init=independent"
+            )
+        if self.init_from:
+            from pathlib import Path
+
+            if not Path(self.init_from).is_file():
+                raise ConfigError(f"init_from={self.init_from!r}: no such file; give a safetensors file with a flat 'w'")
+
+
+CONFIG = ExpertsConfig
+NEEDS_RAY = True
+PRESETS = {
+    "smoke": dict(steps=60, shard_size=16),
+    "default": dict(),
+}
+
+
+def run(cfg: ExpertsConfig, ctx: RunContext):
+    """Train the missing experts into `<run_dir>/store/weights`; returns the farm summary."""
+    from orchestrator.farm import run_farm
+    from orchestrator.store import WeightStore
+    from orchestrator.suite_features import SuiteFeatures
+
+    feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run_dir / "features")
+    store = WeightStore(ctx.run_dir / "store" / "weights")
+    summary = run_farm(feats, cfg, store, progress=ctx.progress, log=ctx.log)
+    if summary.experts_trained:
+        ctx.log(
+            f"farm: {summary.experts_trained} experts in {summary.seconds:.1f}s "
+            f"({summary.experts_trained / summary.seconds:.2f} experts/s, {summary.gflops:.1f} GFLOP/s)"
+        )
+    return summary
+
+
+def track(summary, ctx: RunContext):
+    """Farm throughput plus mean accuracies per split (read back from the store), and the manifest."""
+    from orchestrator.store import MANIFEST, WeightStore
+
+    root = ctx.run_dir / "store" / "weights"
+    m = {
+        "experts_trained": summary.experts_trained, "shards_trained": summary.shards_trained,
+        "shards_skipped": summary.shards_skipped, "shards_redone": len(summary.shards_redone),
+        "farm_seconds": summary.seconds,
+    }
+    if summary.experts_trained:
+        m["experts_per_second"] = summary.experts_trained / summary.seconds
+        m["farm_gflops"] = summary.gflops
+    meta = WeightStore(root).read_meta()
+    for split, g in meta.groupby("split"):
+        m[f"{split}_support_acc"] = float(g["support_acc"].mean())
+        m[f"{split}_query_acc"] = float(g["query_acc"].mean())
+        m[f"{split}_query_acc_min"] = float(g["query_acc"].min())
+    return m, [root / MANIFEST]
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("experts", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()

@@ -1,0 +1,176 @@
+"""Stage `features`: build a task suite and embed its images and texts with frozen encoders.
+
+    python -m pipelines.features --preset default --set suite=procedural --set n_tasks=3000
+
+Writes `<run_dir>/features/` (see orchestrator.suite_features). Encoder outputs are cached in Parquet
+keyed by encoder id and content hash, so a second run (or another run sharing `cache_dir`) encodes
+nothing it has seen.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.cli import RunContext, check_choice, check_range
+
+SPLIT_MODES = ("random", "compositional")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Which tasks to build and which frozen encoders embed them."""
+
+    suite: str = "easyvqa"  # task suite: easyvqa or procedural (ignored when tasks_file is set)
+    tasks_file: str | None = None  # a JSONL task file (docs/task_file.md) used instead of a suite
+    split_mode: str = "random"  # meta-train/meta-test split: random or compositional
+    holdout: tuple[str, ...] = ("gray", "teal", "triangle")  # concepts held out by the compositional split
+    meta_test_fraction: float = 0.3  # share of tasks in meta-test (random split)
+    support_fraction: float = 0.7  # share of each task's samples in its support set
+    n_tasks: int = 1000  # procedural: number of tasks to generate
+    samples_per_task: int = 200  # procedural: images per task
+    max_samples_per_task: int | None = None  # easyvqa: cap samples per task (None keeps all)
+    text_encoder: str = "minilm"  # minilm (offline default) or open_clip
+    image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) or open_clip
+    image_size: int = 96  # efficientnet input size in pixels
+    clip_model: str = "ViT-B-32"  # open_clip model name (open_clip encoders only)
+    clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint path
+    cache_dir: str | None = None  # feature cache folder (default <run_dir>/cache/features); share it between runs
+    seed: int = 0  # seeds the support/query and task splits and procedural generation
+
+    def __post_init__(self):
+        from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+        from pipelines.suites import SUITES
+
+        check_choice("suite", self.suite, SUITES)
+        check_choice("split_mode", self.split_mode, SPLIT_MODES)
+        check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
+        check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
+        check_range("meta_test_fraction", self.meta_test_fraction, 0.01, 0.99)
+        check_range("support_fraction", self.support_fraction, 0.05, 0.95)
+        check_range("n_tasks", self.n_tasks, 1)
+        check_range("samples_per_task", self.samples_per_task, 4)
+        check_range("image_size", self.image_size, 32, 1024)
+        if self.max_samples_per_task is not None:
+            check_range("max_samples_per_task", self.max_samples_per_task, 4)
+
+
+CONFIG = FeaturesConfig
+NEEDS_RAY = False
+PRESETS = {
+    "smoke": dict(suite="procedural", n_tasks=24, samples_per_task=40, image_size=64),
+    "default": dict(),
+}
+
+
+def load_tasks(cfg: FeaturesConfig):
+    """The configured suite (or task file) as a TaskSuite."""
+    from pipelines.suites import load_suite
+
+    common = dict(split_mode=cfg.split_mode, meta_test_fraction=cfg.meta_test_fraction,
+                  support_fraction=cfg.support_fraction, seed=cfg.seed)
+    if cfg.tasks_file:
+        return load_suite(cfg.suite, tasks_file=cfg.tasks_file, support_fraction=cfg.support_fraction,
+                          meta_test_fraction=cfg.meta_test_fraction, seed=cfg.seed)
+    if cfg.suite == "procedural":
+        return load_suite("procedural", n_tasks=cfg.n_tasks, samples_per_task=cfg.samples_per_task,
+                          holdout=cfg.holdout, **common)
+    return load_suite("easyvqa", holdout=cfg.holdout, max_samples_per_task=cfg.max_samples_per_task, **common)
+
+
+def make_encoders(cfg: FeaturesConfig):
+    """The configured (text, image) encoders."""
+    from models.encoders import make_image_encoder, make_text_encoder
+
+    clip = dict(model=cfg.clip_model, pretrained=cfg.clip_pretrained)
+    text = make_text_encoder(cfg.text_encoder, **(clip if cfg.text_encoder == "open_clip" else {}))
+    image = make_image_encoder(cfg.image_encoder, **(clip if cfg.image_encoder == "open_clip" else {"image_size": cfg.image_size}))
+    return text, image
+
+
+def features_hash(cfg: FeaturesConfig) -> str:
+    """Identifies the features a config produces (the task file's bytes included)."""
+    d = asdict(cfg)
+    d.pop("cache_dir")
+    if cfg.tasks_file:
+        d["tasks_file_sha256"] = hashlib.sha256(Path(cfg.tasks_file).read_bytes()).hexdigest()
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run(cfg: FeaturesConfig, ctx: RunContext):
+    """Build (or reuse) `<run_dir>/features` for this config; returns the SuiteFeatures."""
+    from orchestrator.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
+    from orchestrator.suite_features import SuiteFeatures
+
+    out = ctx.run_dir / "features"
+    chash = features_hash(cfg)
+    if (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash:
+        ctx.log(f"features: reusing {out} (same config)")
+        return SuiteFeatures.load(out)
+    t0 = time.perf_counter()
+    suite = load_tasks(cfg)
+    if not suite.tasks:
+        from pipelines.suites import SuiteError
+
+        raise SuiteError("the suite has no tasks: check the task file or the suite settings")
+    text_enc, image_enc = make_encoders(cfg)
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else ctx.run_dir / "cache" / "features")
+    used = sorted({int(i) for t in suite.tasks for i in np.concatenate([t.support_images, t.query_images])})
+    remap = np.full(len(suite.images), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    paths = [suite.images[i] for i in used]
+    ctx.log(f"features: {len(suite.tasks)} tasks, {len(paths)} images, encoders {text_enc.id} / {image_enc.id}")
+    t_img = time.perf_counter()
+    img = encode_images_cached(image_enc, paths, cache, progress=ctx.progress)
+    t_img = time.perf_counter() - t_img
+    texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
+    text_id = {s: i for i, s in enumerate(texts)}
+    txt = encode_texts_cached(text_enc, texts, cache)
+    tasks = pd.DataFrame([
+        dict(
+            id=t.id, description=t.description, split=t.split, answers=list(t.answers),
+            answer_prompts=list(t.answer_prompts), concepts=list(t.concepts),
+            desc_text=text_id[t.description], prompt_texts=np.array([text_id[p] for p in t.answer_prompts]),
+            support_images=remap[t.support_images], support_labels=np.asarray(t.support_labels, dtype=np.int64),
+            query_images=remap[t.query_images], query_labels=np.asarray(t.query_labels, dtype=np.int64),
+        )
+        for t in suite.tasks
+    ])
+    info = dict(
+        config_hash=chash, suite=suite.name, suite_info=suite.info, text_encoder=text_enc.id,
+        image_encoder=image_enc.id, d_img=int(img.shape[1]), d_txt=int(txt.shape[1]),
+        n_tasks=len(tasks), n_images=len(paths), splits=tasks["split"].value_counts().to_dict(),
+    )
+    feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
+    feats.save(out)
+    ctx.timings["features_image_encode_s"] = t_img
+    ctx.log(f"features: wrote {out} in {time.perf_counter() - t0:.1f}s (images {t_img:.1f}s)")
+    return feats
+
+
+def track(feats, ctx: RunContext) -> tuple[dict[str, float], list[Path]]:
+    """Counts worth logging for a features run, and its info file."""
+    t = feats.tasks
+    m = {"tasks": len(t), "images": len(feats.image_paths), "texts": len(feats.texts)}
+    for split, n in t["split"].value_counts().items():
+        m[f"tasks_{split}"] = int(n)
+    m["answers_per_task_mean"] = float(t["answers"].map(len).mean())
+    m["support_per_task_mean"] = float(t["support_images"].map(len).mean())
+    return m, [ctx.run_dir / "features" / "info.json"]
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("features", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()

@@ -1,0 +1,19 @@
+"""The whole pipeline so far: features -> expert farm (later: generative models, evaluation, sweeps).
+
+    python -m pipelines.full --preset default
+    python -m pipelines.full --preset smoke --set features.suite=easyvqa --set experts.steps=100
+
+`--set stage.field=value` overrides one stage's config; rerunning with the same --run-dir resumes.
+"""
+from __future__ import annotations
+
+from pipelines.cli import guarded
+from pipelines.runner import STAGES, run_stages
+
+
+def main() -> int:
+    return run_stages("full", __doc__, STAGES)
+
+
+if __name__ == "__main__":
+    guarded(main)()
