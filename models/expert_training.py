@@ -65,12 +65,14 @@ def pad_batch(
 def step_flops(d_img: int, hidden: int, d_txt: int, n: int, a: int) -> int:
     """Matmul FLOPs of one training step of one expert on n samples and a answers, as `TaskNetwork` runs it.
 
-    fc1 forward and its weight gradient (no input gradient: features are frozen), then the folded
-    fc2: prompts @ fc2, Gram matrix, [n, hidden] products, each forward plus two backward matmuls.
+    fc1 forward and its weight gradient (no input gradient: features are frozen); prompts @ fc2
+    forward and its fc2 gradient (prompts are frozen); the Gram matrix and the [n, hidden] products,
+    each forward plus two backward matmuls.
     """
     fc1 = 2 * 2 * n * d_img * hidden
-    folded = 3 * 2 * (a * d_txt * hidden + hidden * hidden * d_txt + n * hidden * (a + hidden))
-    return fc1 + folded
+    prompts = 2 * 2 * a * d_txt * hidden
+    folded = 3 * 2 * (hidden * hidden * d_txt + n * hidden * (a + hidden))
+    return fc1 + prompts + folded
 
 
 def _loss(net: TaskNetwork, params, x, lab, weight, prompts, amask):

@@ -88,16 +88,21 @@ class TaskNetwork(nn.Module):
         """x [n, d_img], prompts [a, d_txt] -> logits [n, a] = scale * cosine(embed(x), prompts).
 
         Folds fc2 into the prompts and takes |embed(x)| from the Gram matrix of fc2, so no [n, d_txt]
-        tensor is built: the same function as `cosine_logits(self.embed(x), ...)` (a test checks it)
-        with a fraction of the elementwise work, which is what bounds a CPU at this size.
+        tensor is built: the same function as `cosine_logits(self.embed(x), ...)` with a fraction of the
+        elementwise work, which is what bounds a CPU here. Where |embed(x)| < ~1e-2 |fc2 h| (fc2's terms
+        nearly cancel) fp32 cannot resolve the Gram sum: the cosine then stays bounded, not exact.
         """
         w2, b2 = self.fc2.weight, self.fc2.bias  # [d_txt, hidden], [d_txt]
         pn = F.normalize(prompts, dim=-1)  # [a, d_txt]
         h = F.relu(self.fc1(x))  # [n, hidden]
         sims = F.linear(h, pn @ w2, pn @ b2)  # <embed(x), pn>: [n, a]
         gram = w2.transpose(-1, -2) @ w2  # [hidden, hidden]
-        sq = ((h @ gram) * h).sum(-1) + 2 * (h @ (b2 @ w2)) + b2 @ b2  # |embed(x)|^2: [n]
-        return self.spec.logit_scale * sims / sq.clamp_min(1e-24).sqrt().unsqueeze(-1)
+        hgh, bb = ((h @ gram) * h).sum(-1), b2 @ b2  # [n], []
+        sq = hgh + 2 * (h @ (b2 @ w2)) + bb  # |embed(x)|^2: [n]
+        # When embed(x) nearly cancels (|fc2 h| ~ |b2|, sum ~ 0) this sum loses fp32 precision; a
+        # relative floor and the clamp keep the cosine bounded there instead of exploding.
+        norm = sq.clamp_min(1e-6 * (hgh + bb) + 1e-24).sqrt().unsqueeze(-1)
+        return self.spec.logit_scale * (sims / norm).clamp(-1.0, 1.0)
 
 
 def cosine_logits(out: torch.Tensor, prompts: torch.Tensor, scale: float) -> torch.Tensor:

@@ -168,8 +168,14 @@ class WeightStore:
         if final_only:
             filters.append(("final", "=", True))
         tables = []
+        entries = self.manifest()["shards"]
         for sid in shards:
             path = self.root / f"{sid}.parquet"
+            if not path.exists() or file_sha256(path) != entries[sid]["file_sha256"]:
+                raise StoreError(
+                    f"shard {path} is missing or does not match its manifest sha256 (corrupted or replaced); "
+                    "rerun `python -m pipelines.experts` with the same run directory to retrain it"
+                )
             try:
                 t = pq.read_table(path, filters=filters or None)
             except Exception as e:

@@ -29,12 +29,13 @@ class Tracker:
 
     def __init__(self, run_dir: Path, experiment: str = EXPERIMENT):
         self.run_dir = Path(run_dir).resolve()
-        self.uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri writes this variable
+        self.uri = user_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
         mlflow.set_tracking_uri(self.uri)
         client = MlflowClient(self.uri)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
-            artifacts = None if os.environ.get("MLFLOW_TRACKING_URI") else (self.run_dir / "mlartifacts").as_uri()
+            artifacts = None if user_uri else (self.run_dir / "mlartifacts").as_uri()
             exp_id = client.create_experiment(experiment, artifact_location=artifacts)
         else:
             exp_id = exp.experiment_id
