@@ -1,0 +1,42 @@
+"""Shared fixtures: smoke-sized features built once with the real encoders, and helpers to run the CLI."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_run_dir(tmp_path_factory) -> Path:
+    """A run directory whose `features/` holds the smoke preset's features (24 procedural tasks)."""
+    from pipelines.cli import RunContext, build_config
+    from pipelines import features
+
+    run_dir = tmp_path_factory.mktemp("smoke")
+    cfg = build_config(features.FeaturesConfig, features.PRESETS, "smoke", [])
+    features.run(cfg, RunContext(run_dir=run_dir, progress=False))
+    return run_dir
+
+
+@pytest.fixture
+def run_dir_with_features(smoke_run_dir, tmp_path) -> Path:
+    """A fresh run directory with a copy of the smoke features (and their encoder cache)."""
+    dst = tmp_path / "run"
+    shutil.copytree(smoke_run_dir / "features", dst / "features")
+    return dst
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` from the repo root, capturing output."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

@@ -1,0 +1,44 @@
+"""`python -m pipelines.full --preset smoke` end to end: stores, MLflow parent/child runs, timings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
+
+
+def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for what in ("run directory:", "mlflow ui --backend-store-uri", "dashboard http://127.0.0.1"):
+        assert what in r.stderr
+    assert (run_dir / "features" / "info.json").exists()
+    manifest = json.loads((run_dir / "store" / "weights" / "manifest.json").read_text())
+    assert sum(s["rows"] for s in manifest["shards"].values()) == 24
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("weightgen")
+    assert exp.artifact_location.startswith((run_dir / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    assert len(parents) == 1 and parents[0].info.run_name == "full"
+    children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
+    assert set(children) == {"features", "experts"}
+    assert children["experts"].data.params["steps"] == "60"
+    assert children["experts"].data.metrics["experts_trained"] == 24
+    assert children["features"].data.metrics["tasks"] == 24
+    arts = [a.path for a in client.list_artifacts(children["experts"].info.run_id)]
+    assert "manifest.json" in arts and "config.json" in arts
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert {"ray_start_s", "features_s", "experts_s", "total_s"} <= set(timings)
+
+    # The same command again resumes: nothing is retrained, a new parent run is logged.
+    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "features: reusing" in r.stderr and "0 to train" in r.stderr
