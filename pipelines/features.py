@@ -39,7 +39,8 @@ class FeaturesConfig:
     image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) or open_clip
     image_size: int = 96  # efficientnet input size in pixels
     clip_model: str = "ViT-B-32"  # open_clip model name (open_clip encoders only)
-    clip_pretrained: str | None = None  # open_clip pretrained tag or local checkpoint path
+    clip_pretrained: str | None = "openai"  # open_clip pretrained tag or local checkpoint path (None: random init, tests only)
+    export_tasks: str | None = None  # also write the suite as a JSONL task file here (docs/task_file.md)
     cache_dir: str | None = None  # feature cache folder (default <run_dir>/cache/features); share it between runs
     seed: int = 0  # seeds the support/query and task splits and procedural generation
 
@@ -97,6 +98,7 @@ def features_hash(cfg: FeaturesConfig) -> str:
     """Identifies the features a config produces (the task file's bytes included)."""
     d = asdict(cfg)
     d.pop("cache_dir")
+    d.pop("export_tasks")
     if cfg.tasks_file:
         d["tasks_file_sha256"] = hashlib.sha256(Path(cfg.tasks_file).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -109,11 +111,19 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
 
     out = ctx.run_dir / "features"
     chash = features_hash(cfg)
-    if (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash:
+    reuse = (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash
+    if reuse and not cfg.export_tasks:
         ctx.log(f"features: reusing {out} (same config)")
         return SuiteFeatures.load(out)
     t0 = time.perf_counter()
     suite = load_tasks(cfg)
+    if cfg.export_tasks:
+        from pipelines.suites import write_task_file
+
+        write_task_file(suite, Path(cfg.export_tasks))
+        ctx.log(f"features: exported {len(suite.tasks)} tasks to {cfg.export_tasks}")
+        if reuse:
+            return SuiteFeatures.load(out)
     if not suite.tasks:
         from pipelines.suites import SuiteError
 
