@@ -43,6 +43,41 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     return best
 
 
+class MemorySampler:
+    """Peak of this process's private (anonymous) memory and of its RSS, sampled every 50 ms.
+
+    RSS alone also counts Ray object-store pages the driver touched while reading results; those
+    belong to the store (bounded by its own size), so the private peak is the driver's own memory.
+    """
+
+    def __init__(self):
+        import threading
+
+        self.peak_anon = self.peak_rss = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def read() -> tuple[float, float]:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        mb = lambda k: float(fields.get(k, "0 kB").split()[0]) / 1024
+        return mb("RssAnon"), mb("VmRSS")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            anon, rss = self.read()
+            self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
 def build_features(n_tasks: int, work: Path, seed: int):
     """Procedural features for n_tasks through the real features stage (encoder cache shared across sizes)."""
     from pipelines import features
@@ -80,7 +115,7 @@ def naive_experts(feats, rows: list[int], cfg) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, accs
 
 
-def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int) -> dict:
+def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int, actors: int) -> dict:
     """One side-by-side measurement at n_tasks."""
     from orchestrator.cluster import connect, shutdown
     from orchestrator.farm import run_farm
@@ -90,16 +125,20 @@ def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int
 
     torch.set_num_threads(threads)
     feats = build_features(n_tasks, work, seed)
-    cfg = build_config(experts.ExpertsConfig, experts.PRESETS, "default", [f"cpus_per_actor={threads}"], seed)
+    per_actor = max(1, threads // actors)  # the farm gets the same cores as the naive loop
+    cfg = build_config(experts.ExpertsConfig, experts.PRESETS, "default",
+                       [f"num_actors={actors}", f"cpus_per_actor={per_actor}"], seed)
     peak = matmul_gflops()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     store_dir = work / f"n{n_tasks}-s{seed}" / "store" / "weights"
     for f in store_dir.glob("*"):  # always train from scratch: this measures the farm, not the resume
         f.unlink()
     info = connect(num_cpus=threads)
-    t0 = time.perf_counter()
-    summary = run_farm(feats, cfg, WeightStore(store_dir), progress=False, log=lambda m: None)
-    farm_wall = time.perf_counter() - t0
+    anon0, _ = MemorySampler.read()
+    with MemorySampler() as mem:
+        t0 = time.perf_counter()
+        summary = run_farm(feats, cfg, WeightStore(store_dir), progress=False, log=lambda m: None)
+        farm_wall = time.perf_counter() - t0
     shutdown(info)
     driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     meta = WeightStore(store_dir).read_meta().set_index("task_id")
@@ -111,7 +150,7 @@ def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int
     naive_rate = len(sample) / naive_s if naive_sample else float("nan")
     gflops = summary.flops / farm_wall / 1e9
     return dict(
-        tasks=n_tasks, seed=seed, threads=threads, steps=cfg.steps,
+        tasks=n_tasks, seed=seed, threads=threads, actors=actors, threads_per_actor=per_actor, steps=cfg.steps,
         machine_gflops=round(peak, 1), farm_gflops=round(gflops, 1), peak_fraction=round(gflops / peak, 3),
         farm_train_gflops=round(summary.flops / summary.train_seconds / 1e9, 1),
         farm_experts_per_s=round(farm_rate, 3), naive_experts_per_s=round(naive_rate, 3),
@@ -124,10 +163,12 @@ def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int
         farm_accuracy_on_sample=round(float(np.mean(farm_sample_acc)), 4) if naive_sample else None,
         naive_accuracy=round(float(np.mean(naive_acc)), 4) if naive_sample else None,
         driver_peak_rss_mb_before_farm=round(rss0 / 1024, 1), driver_peak_rss_mb=round(driver_peak_mb, 1),
+        driver_private_mb_before_farm=round(anon0, 1), driver_peak_private_mb=round(mem.peak_anon, 1),
+        driver_peak_rss_mb_during_farm=round(mem.peak_rss, 1),
     )
 
 
-def scaling(sizes: list[int], work: Path, seed: int, threads: int) -> dict:
+def scaling(sizes: list[int], work: Path, seed: int, threads: int, actors: int) -> dict:
     """Each size in its own process, so each driver's peak memory is its own."""
     rows = []
     for n in sizes:
@@ -135,19 +176,22 @@ def scaling(sizes: list[int], work: Path, seed: int, threads: int) -> dict:
         subprocess.run([sys.executable, __file__, "--features-only", "--tasks", str(n), "--work", str(work),
                         "--seed", str(seed)], check=True)
         out = subprocess.run([sys.executable, __file__, "--tasks", str(n), "--naive-sample", "0", "--work", str(work),
-                              "--seed", str(seed), "--threads", str(threads)], check=True, capture_output=True, text=True)
+                              "--seed", str(seed), "--threads", str(threads), "--actors", str(actors)], check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         r = rows[-1]
         print(f"{n:>6} tasks: {r['seconds_per_expert']*1000:7.1f} ms/expert wall, "
-              f"{r['train_seconds_per_expert']*1000:7.1f} ms/expert in actors, driver peak RSS {r['driver_peak_rss_mb']:.0f} MB",
+              f"{r['train_seconds_per_expert']*1000:7.1f} ms/expert in actors, driver peak private "
+              f"{r['driver_peak_private_mb']:.0f} MB (RSS {r['driver_peak_rss_mb']:.0f} MB)",
               flush=True)
     wall = [r["seconds_per_expert"] for r in rows]
     train = [r["train_seconds_per_expert"] for r in rows]
-    mem = [r["driver_peak_rss_mb"] for r in rows]
+    rss = [r["driver_peak_rss_mb"] for r in rows]
+    private = [r["driver_peak_private_mb"] for r in rows]
     return dict(
-        sizes=sizes, seconds_per_expert=wall, train_seconds_per_expert=train, driver_peak_rss_mb=mem,
+        sizes=sizes, seconds_per_expert=wall, train_seconds_per_expert=train,
+        driver_peak_private_mb=private, driver_peak_rss_mb=rss,
         cost_spread_wall=round(max(wall) / min(wall) - 1, 3), cost_spread_train=round(max(train) / min(train) - 1, 3),
-        memory_growth=round(max(mem) / mem[0] - 1, 3),
+        private_memory_growth=round(private[-1] / private[0] - 1, 3), rss_growth=round(rss[-1] / rss[0] - 1, 3),
     )
 
 
@@ -160,15 +204,16 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-farm", help="where features and stores go")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (and actor CPUs)")
+    p.add_argument("--actors", type=int, default=os.cpu_count() or 1, help="farm actors; each gets threads/actors torch threads")
     p.add_argument("--features-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.features_only:
         build_features(a.tasks, a.work, a.seed)
         return
     if a.scaling:
-        result = scaling([int(s) for s in a.sizes.split(",")], a.work, a.seed, a.threads)
+        result = scaling([int(s) for s in a.sizes.split(",")], a.work, a.seed, a.threads, a.actors)
     else:
-        result = measure(a.tasks, a.naive_sample, a.work, a.seed, a.threads)
+        result = measure(a.tasks, a.naive_sample, a.work, a.seed, a.threads, a.actors)
         for k, v in result.items():
             print(f"{k:>32}: {v}", flush=True)
     print(json.dumps(result))

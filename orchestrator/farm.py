@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from models.expert_training import evaluate_experts, pad_batch, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
-from orchestrator.store import WeightStore
+from orchestrator.store import StoreError, WeightStore
 from orchestrator.suite_features import SuiteFeatures
 
 
@@ -38,7 +38,8 @@ def config_hash(cfg) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Fields of the experts config that change the weights; the rest (actors, shard size, threads) do not.
+# Fields of the experts config that decide the stored weights and shard ids (shard layout fixes shard
+# ids and minibatch streams); the rest (actors, CPUs) only decide where and how fast they are trained.
 TRAINING_FIELDS = (
     "hidden", "logit_scale", "steps", "lr", "sample_fraction", "seeds_per_task", "init", "init_seed",
     "init_from", "checkpoint_every", "seed", "shard_size", "shard_samples",
@@ -175,7 +176,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
     old = store.manifest()
     if old["shards"] and old.get("config_hash") not in (None, chash):
-        raise ValueError(
+        raise StoreError(
             f"{store.root} holds experts trained with another config (hash {old.get('config_hash')}, now {chash}); "
             "use a new --run-dir or delete the store"
         )
@@ -195,7 +196,9 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     summary = FarmSummary(0, 0, len(shards) - len(todo), redone, 0.0, 0.0, 0.0)
     if not todo:
         return summary
-    n_actors = max(1, min(cfg.num_actors, len(todo)))
+    wanted = cfg.num_actors or int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)
+    n_actors = max(1, min(wanted, len(todo)))
+    log(f"farm: {n_actors} actor(s) x {cfg.cpus_per_actor} CPU")
     data_ref = ray.put(data)
     generation = [0] * n_actors
 

@@ -28,10 +28,10 @@ class ExpertsConfig:
     init_seed: int = 0  # seed of the shared init (or base of the independent ones)
     init_from: str | None = None  # safetensors file with a flat 'w' to start every expert from (e.g. a multitask solution)
     checkpoint_every: int = 0  # also store weights every N steps (0: final only)
-    shard_size: int = 64  # most experts trained together by one actor call (vmapped)
+    shard_size: int = 16  # most experts trained together by one actor call (vmapped); small shards balance actors
     shard_samples: int = 12288  # most padded support samples (experts x largest support set) in one shard
-    num_actors: int = 1  # farm actors; few is best: each holds the features and a torch runtime
-    cpus_per_actor: int = 2  # CPUs (and torch threads) per actor
+    num_actors: int = 0  # farm actors (0: one per cpus_per_actor CPUs of the cluster, at most one per shard)
+    cpus_per_actor: int = 1  # CPUs (and torch threads) per actor; 1 is fastest here (small ops gain nothing from threads)
     seed: int = 0  # seeds stochastic minibatches (sample_fraction < 1)
 
     def __post_init__(self):
@@ -44,7 +44,7 @@ class ExpertsConfig:
         check_range("checkpoint_every", self.checkpoint_every, 0)
         check_range("shard_size", self.shard_size, 1)
         check_range("shard_samples", self.shard_samples, 1)
-        check_range("num_actors", self.num_actors, 1)
+        check_range("num_actors", self.num_actors, 0)
         check_range("cpus_per_actor", self.cpus_per_actor, 1)
         if self.seeds_per_task > 1 and self.init == "shared" and self.sample_fraction == 1.0 and not self.init_from:
             raise ConfigError(

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.store import WeightStore
+from orchestrator.store import StoreError, WeightStore
 from pipelines.cli import build_config
 from pipelines import experts
 from tests.conftest import ROOT, run_cli
@@ -79,7 +79,7 @@ def test_rerun_skips_and_corrupted_shard_is_retrained(ray_cluster, run_dir_with_
 
 def test_config_change_refuses_to_mix_experts(ray_cluster, run_dir_with_features):
     farm(run_dir_with_features, experts_cfg("shard_size=8"))
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(StoreError, match="another config"):
         farm(run_dir_with_features, experts_cfg("shard_size=8", "lr=0.01"))
 
 
