@@ -34,11 +34,8 @@ def hash_text(text: str) -> str:
 
 def hash_file(path: str | os.PathLike) -> str:
     """sha256 hex digest of the file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def safe_dir_name(encoder_id: str) -> str:

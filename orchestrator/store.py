@@ -38,11 +38,8 @@ def weights_checksum(w: np.ndarray) -> str:
 
 def file_sha256(path: Path) -> str:
     """sha256 of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _schema(n_weights: int) -> pa.Schema:
