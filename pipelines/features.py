@@ -38,8 +38,9 @@ class FeaturesConfig:
     text_encoder: str = "minilm"  # minilm (offline default) or open_clip
     image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) or open_clip
     image_size: int = 96  # efficientnet input size in pixels
-    clip_model: str = "ViT-B-32"  # open_clip model name (open_clip encoders only)
+    clip_model: str = "ViT-L-14-336"  # open_clip model (the paper's; ViT-B-32 for quick runs); open_clip encoders only
     clip_pretrained: str | None = "openai"  # open_clip pretrained tag or local checkpoint path (None: random init, tests only)
+    device: str = "cpu"  # where the encoders run: cpu, cuda, cuda:1 (features are cached, so encoding runs once)
     export_tasks: str | None = None  # also write the suite as a JSONL task file here (docs/task_file.md)
     cache_dir: str | None = None  # feature cache folder (default <run_dir>/cache/features); share it between runs
     seed: int = 0  # seeds the support/query and task splits and procedural generation
@@ -89,16 +90,17 @@ def make_encoders(cfg: FeaturesConfig):
     from models.encoders import make_image_encoder, make_text_encoder
 
     clip = dict(model=cfg.clip_model, pretrained=cfg.clip_pretrained)
-    text = make_text_encoder(cfg.text_encoder, **(clip if cfg.text_encoder == "open_clip" else {}))
-    image = make_image_encoder(cfg.image_encoder, **(clip if cfg.image_encoder == "open_clip" else {"image_size": cfg.image_size}))
+    text = make_text_encoder(cfg.text_encoder, device=cfg.device, **(clip if cfg.text_encoder == "open_clip" else {}))
+    image_opts = clip if cfg.image_encoder == "open_clip" else {"image_size": cfg.image_size}
+    image = make_image_encoder(cfg.image_encoder, device=cfg.device, **image_opts)
     return text, image
 
 
 def features_hash(cfg: FeaturesConfig) -> str:
     """Identifies the features a config produces (the task file's bytes included)."""
     d = asdict(cfg)
-    d.pop("cache_dir")
-    d.pop("export_tasks")
+    for where_not_what in ("cache_dir", "export_tasks", "device"):
+        d.pop(where_not_what)
     if cfg.tasks_file:
         d["tasks_file_sha256"] = hashlib.sha256(Path(cfg.tasks_file).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -140,7 +142,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
     t_img = time.perf_counter() - t_img
     texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
     text_id = {s: i for i, s in enumerate(texts)}
-    txt = encode_texts_cached(text_enc, texts, cache)
+    txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)
     tasks = pd.DataFrame([
         dict(
             id=t.id, description=t.description, split=t.split, answers=list(t.answers),
