@@ -1,14 +1,22 @@
 """The error types that mean "bad input or environment": shown as one clear line, exit code 2."""
 from __future__ import annotations
 
+import sys
+
+# Where each user-facing error type lives. Looked up only in modules already imported: an exception
+# can only be of a type whose module has been loaded, and a failing run should not pay for importing
+# torch and ray just to print its error.
+USER_ERRORS = {
+    "pipelines.cli": "ConfigError",
+    "pipelines.suites.base": "SuiteError",
+    "models.encoders.base": "EncoderError",
+    "orchestrator.feature_cache": "FeatureCacheError",
+    "orchestrator.store": "StoreError",
+    "orchestrator.suite_features": "FeaturesError",
+    "orchestrator.cluster": "ClusterError",
+}
+
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Collected lazily so importing the CLI does not import every backend."""
-    from models.encoders import EncoderError
-    from orchestrator.cluster import ClusterError
-    from orchestrator.store import StoreError
-    from orchestrator.suite_features import FeaturesError
-    from pipelines.cli import ConfigError
-    from pipelines.suites import SuiteError
-
-    return (ConfigError, SuiteError, EncoderError, StoreError, FeaturesError, ClusterError)
+    """The user-facing error types among the modules loaded so far."""
+    return tuple(getattr(sys.modules[m], name) for m, name in USER_ERRORS.items() if m in sys.modules)
