@@ -361,3 +361,20 @@ def test_cli_errors_exit_2_before_writing(vqa, tmp_path):
         assert all(w in line for w in words), (name, line)
         assert seconds < 10, (name, seconds)
         assert not out.exists(), name  # nothing written to --out
+
+
+def test_built_task_file_feeds_the_features_stage(vqa, tmp_path):
+    """The builder's output is a task file the pipeline takes as is: real encoders, the paper's splits kept."""
+    from pipelines import features
+    from pipelines.cli import RunContext, build_config
+
+    out = tmp_path / "out"
+    p, _ = cli("--questions", *vqa["q"], "--annotations", *vqa["a"], "--images", *vqa["images"], "--out", out)
+    assert p.returncode == 0, p.stderr
+    cfg = build_config(features.FeaturesConfig, features.PRESETS, "smoke", [f"tasks_file={out / 'metavqa.jsonl'}"])
+    feats = features.run(cfg, RunContext(run_dir=tmp_path / "run", progress=False))
+    assert feats.tasks["split"].value_counts().to_dict() == {META_TRAIN: 4, META_TEST: 2}
+    assert feats.image_feats.shape == (51, 1280) and feats.d_txt == 384
+    # each task's answer prompts are its question's template filled with each candidate answer
+    row = feats.tasks.iloc[0]
+    assert all(a in p for a, p in zip(row.answers, row.answer_prompts))
