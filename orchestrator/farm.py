@@ -31,9 +31,19 @@ class ShardSpec:
     members: tuple[tuple[int, int], ...]
 
 
+class FarmError(RuntimeError):
+    """The farm cannot start (e.g. a bad init_from file); the message says what to fix."""
+
+
 def config_hash(cfg) -> str:
-    """Hash of the fields that change trained weights (not where or how fast they are trained)."""
+    """Hash of the fields that change trained weights (not where or how fast they are trained).
+
+    An init_from file counts by its bytes, so replacing the file is a new config, not a silent mix.
+    """
     keep = {k: v for k, v in asdict(cfg).items() if k in TRAINING_FIELDS}
+    if cfg.init_from:
+        with open(cfg.init_from, "rb") as f:
+            keep["init_from"] = hashlib.file_digest(f, "sha256").hexdigest()
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -65,15 +75,25 @@ def plan_shards(tasks: pd.DataFrame, cfg, chash: str) -> list[ShardSpec]:
     return shards
 
 
+def load_base(path: str, layout: WeightLayout) -> torch.Tensor:
+    """The flat 'w' [P] of a safetensors file, checked against the layout."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise FarmError(f"init_from {path}: not a readable safetensors file ({e})") from None
+    if "w" not in tensors or tensors["w"].shape != (layout.size,):
+        got = tuple(tensors["w"].shape) if "w" in tensors else f"no 'w' among {sorted(tensors)}"
+        raise FarmError(f"init_from {path}: needs a flat tensor 'w' of shape ({layout.size},) for layout {layout.id}, got {got}")
+    return tensors["w"].float()
+
+
 def start_weights(layout: WeightLayout, cfg, members, task_ids: list[str]) -> torch.Tensor:
     """w0 [E, P]: one shared init (a seed or a base file, so experts stay aligned) or one init per expert."""
     if cfg.init_from:
-        from safetensors.torch import load_file
-
-        base = load_file(cfg.init_from)["w"].float()
-        if base.shape != (layout.size,):
-            raise ValueError(f"init_from {cfg.init_from}: 'w' has shape {tuple(base.shape)}, layout needs ({layout.size},)")
-        return base.expand(len(members), -1).contiguous()
+        return load_base(cfg.init_from, layout).expand(len(members), -1).contiguous()
     if cfg.init == "shared":
         return init_weights(layout.spec, cfg.init_seed).expand(len(members), -1).contiguous()
     seeds = [int(hashlib.sha256(f"{cfg.init_seed}:{task_ids[i]}:{s}".encode()).hexdigest()[:8], 16) for i, s in members]
@@ -179,6 +199,8 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             f"{store.root} holds experts trained with another config (hash {old.get('config_hash')}, now {chash}); "
             "use a new --run-dir or delete the store"
         )
+    if cfg.init_from:
+        load_base(cfg.init_from, layout)  # fail here, clearly, not inside every actor
     store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size)
     shards = plan_shards(data.tasks, cfg, chash)
     todo, redone = [], []

@@ -14,6 +14,7 @@ USER_ERRORS = {
     "orchestrator.store": "StoreError",
     "orchestrator.suite_features": "FeaturesError",
     "orchestrator.cluster": "ClusterError",
+    "orchestrator.farm": "FarmError",
 }
 
 

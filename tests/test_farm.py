@@ -117,3 +117,26 @@ def test_killed_driver_resumes_with_only_missing_shards(smoke_run_dir, tmp_path,
     assert sorted(ka) == sorted(kb) and len(ka) == len(set(ka))
     ia, ib = np.argsort([f"{t}:{s}" for t, s in ka]), np.argsort([f"{t}:{s}" for t, s in kb])
     assert torch.equal(a.w[ia], b.w[ib]), "resumed store must equal an uninterrupted run"
+
+
+def test_init_from_file_is_every_experts_start(ray_cluster, run_dir_with_features, tmp_path):
+    from safetensors.torch import save_file
+
+    base = torch.randn(53664, generator=torch.Generator().manual_seed(7)) * 0.01
+    path = tmp_path / "base.safetensors"
+    save_file({"w": base}, str(path))
+    farm(run_dir_with_features, experts_cfg("shard_size=8", f"init_from={path}", "steps=1", "lr=1e-7"))
+    stored = WeightStore(run_dir_with_features / "store" / "weights").read()
+    assert (stored.w - base).abs().max() < 1e-5, "one tiny step from the base must stay at the base"
+
+
+def test_bad_init_from_is_one_clear_line(run_dir_with_features, tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "wrong.safetensors"
+    save_file({"w": torch.zeros(10)}, str(path))
+    r = run_cli("pipelines.experts", "--preset", "smoke", "--run-dir", str(run_dir_with_features),
+                "--no-progress", "--set", f"init_from={path}")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "init_from" in r.stderr and "(53664,)" in r.stderr and "Traceback" not in r.stderr
+    assert not (run_dir_with_features / "store" / "weights" / "manifest.json").exists()
