@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.cli import RunContext, check_choice, check_range
+from pipelines.cli import ConfigError, RunContext, check_choice, check_range
 
 SPLIT_MODES = ("random", "compositional")
 
@@ -60,6 +60,8 @@ class FeaturesConfig:
         check_range("image_size", self.image_size, 32, 1024)
         if self.max_samples_per_task is not None:
             check_range("max_samples_per_task", self.max_samples_per_task, 4)
+        if self.tasks_file is not None and not Path(self.tasks_file).is_file():
+            raise ConfigError(f"tasks_file={self.tasks_file!r}: no such file; pass the path of a JSONL task file (docs/task_file.md)")
 
 
 CONFIG = FeaturesConfig

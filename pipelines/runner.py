@@ -7,11 +7,10 @@ Each stage module provides `CONFIG` (a frozen dataclass), `PRESETS`, `NEEDS_RAY`
 from __future__ import annotations
 
 import importlib
-import json
-import sys
 import time
 from pathlib import Path
 
+from orchestrator.atomic import write_json
 from pipelines.cli import ConfigError, RunContext, base_parser, build_config, prepare_run_dir
 
 STAGES = ("features", "experts")  # the pipeline so far, in order
@@ -82,7 +81,7 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
                 ctx.log(f"stage {s}: done in {ctx.timings[f'{s}_s']:.1f}s")
             ctx.timings["total_s"] = time.perf_counter() - t_start
             ctx.tracker.metrics({f"time_{k}": v for k, v in ctx.timings.items()})
-            (run_dir / "timings.json").write_text(json.dumps(ctx.timings, indent=2))
+            write_json(run_dir / "timings.json", ctx.timings)
     finally:
         if ctx.ray is not None:
             from orchestrator.cluster import shutdown
@@ -91,6 +90,3 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     ctx.log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items()))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run_stages("full", None, STAGES))

@@ -78,3 +78,8 @@ def test_unwritable_run_dir(tmp_path):
     r = run_cli("pipelines.features", "--run-dir", str(blocker / "run"))
     assert r.returncode == 2 and "not writable" in r.stderr
     assert blocker.read_text() == "not a folder"
+
+
+def test_missing_task_file(tmp_path):
+    r = run_cli("pipelines.features", "--run-dir", str(tmp_path / "r"), "--tasks", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
