@@ -28,13 +28,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
     """Join `address` (or $RAY_ADDRESS); without one start a local Ray bound to 127.0.0.1 with its dashboard."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
-        return _info(address or "existing", False, 0.0)
+        return RayInfo(address or "existing", None, float(ray.cluster_resources().get("CPU", 0)), False, 0.0)
     t0 = time.perf_counter()
     try:
         if address:
-            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
+            ctx = ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
         else:
-            ray.init(
+            ctx = ray.init(
                 num_cpus=num_cpus,
                 namespace=namespace,
                 include_dashboard=True,
@@ -48,20 +48,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
             f"could not connect to {where}: {e}. Check that `ray start --head` is running there (and "
             "RAY_AUTH_MODE/token settings match), or unset RAY_ADDRESS / drop --address to run locally."
         ) from e
-    return _info(address or "local", address is None, time.perf_counter() - t0)
-
-
-def _info(address: str, started: bool, seconds: float) -> RayInfo:
-    ctx = ray.get_runtime_context()
-    url = None
-    try:
-        url = ray._private.worker.get_dashboard_url() or None
-    except Exception:  # the dashboard is optional; its absence must not stop a run
-        pass
+    url = ctx.dashboard_url or None
     if url and not url.startswith("http"):
         url = f"http://{url}"
-    del ctx
-    return RayInfo(address, url, float(ray.cluster_resources().get("CPU", 0)), started, seconds)
+    cpus = float(ray.cluster_resources().get("CPU", 0))
+    return RayInfo(address or "local", url, cpus, address is None, time.perf_counter() - t0)
 
 
 def shutdown(info: RayInfo | None) -> None:
