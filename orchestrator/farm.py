@@ -35,12 +35,13 @@ class FarmError(RuntimeError):
     """The farm cannot start (e.g. a bad init_from file); the message says what to fix."""
 
 
-def config_hash(cfg) -> str:
-    """Hash of the fields that change trained weights (not where or how fast they are trained).
-
-    An init_from file counts by its bytes, so replacing the file is a new config, not a silent mix.
+def config_hash(cfg, features_id: str = "") -> str:
+    """Hash of what decides the trained weights: the training fields and the features they train on
+    (not where or how fast they are trained). An init_from file counts by its bytes, so replacing
+    the file, or rebuilding the features with another suite, is a new config, never a silent mix.
     """
     keep = {k: v for k, v in asdict(cfg).items() if k in TRAINING_FIELDS}
+    keep["features"] = features_id
     if cfg.init_from:
         with open(cfg.init_from, "rb") as f:
             keep["init_from"] = hashlib.file_digest(f, "sha256").hexdigest()
@@ -191,7 +192,7 @@ def _alive(worker) -> bool:
 
 def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True, log=print) -> FarmSummary:
     """Train every (task, seed) expert not yet intact in the store, shard by shard, on Ray actors."""
-    chash = config_hash(cfg)
+    chash = config_hash(cfg, data.info.get("config_hash", ""))
     layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
     old = store.manifest()
     if old["shards"] and old.get("config_hash") not in (None, chash):

@@ -81,6 +81,15 @@ def test_config_change_refuses_to_mix_experts(ray_cluster, run_dir_with_features
     farm(run_dir_with_features, experts_cfg("shard_size=8"))
     with pytest.raises(StoreError, match="another config"):
         farm(run_dir_with_features, experts_cfg("shard_size=8", "lr=0.01"))
+    # the same training config on other features (e.g. a rebuilt suite) is another config too
+    from orchestrator.farm import run_farm
+    from orchestrator.suite_features import SuiteFeatures
+
+    feats = SuiteFeatures.load(run_dir_with_features / "features")
+    feats.info["config_hash"] = "another-suite"
+    with pytest.raises(StoreError, match="another config"):
+        run_farm(feats, experts_cfg("shard_size=8"), WeightStore(run_dir_with_features / "store" / "weights"),
+                 progress=False, log=lambda m: None)
 
 
 def test_killed_driver_resumes_with_only_missing_shards(smoke_run_dir, tmp_path, ray_cluster):
