@@ -85,24 +85,30 @@ class TaskNetwork(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
     def forward(self, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """x [n, d_img], prompts [a, d_txt] -> logits [n, a] = scale * cosine(embed(x), prompts).
+        """x [n, d_img], prompts [a, d_txt] -> logits [n, a] = scale * cosine(embed(x), prompts)."""
+        p = {"fc1.weight": self.fc1.weight, "fc1.bias": self.fc1.bias, "fc2.weight": self.fc2.weight, "fc2.bias": self.fc2.bias}
+        return adapter_logits(p, x, prompts, self.spec.logit_scale)
 
-        Folds fc2 into the prompts and takes |embed(x)| from the Gram matrix of fc2, so no [n, d_txt]
-        tensor is built: the same function as `cosine_logits(self.embed(x), ...)` with a fraction of the
-        elementwise work, which is what bounds a CPU here. Where |embed(x)| < ~1e-2 |fc2 h| (fc2's terms
-        nearly cancel) fp32 cannot resolve the Gram sum: the cosine then stays bounded, not exact.
-        """
-        w2, b2 = self.fc2.weight, self.fc2.bias  # [d_txt, hidden], [d_txt]
-        pn = F.normalize(prompts, dim=-1)  # [a, d_txt]
-        h = F.relu(self.fc1(x))  # [n, hidden]
-        sims = F.linear(h, pn @ w2, pn @ b2)  # <embed(x), pn>: [n, a]
-        gram = w2.transpose(-1, -2) @ w2  # [hidden, hidden]
-        hgh, bb = ((h @ gram) * h).sum(-1), b2 @ b2  # [n], []
-        sq = hgh + 2 * (h @ (b2 @ w2)) + bb  # |embed(x)|^2: [n]
-        # When embed(x) nearly cancels (|fc2 h| ~ |b2|, sum ~ 0) this sum loses fp32 precision; a
-        # relative floor and the clamp keep the cosine bounded there instead of exploding.
-        norm = sq.clamp_min(1e-6 * (hgh + bb) + 1e-24).sqrt().unsqueeze(-1)
-        return self.spec.logit_scale * (sims / norm).clamp(-1.0, 1.0)
+
+def adapter_logits(p: dict[str, torch.Tensor], x: torch.Tensor, prompts: torch.Tensor, scale: float) -> torch.Tensor:
+    """The task network as a pure function of its named parameters: x [n, d_img], prompts [a, d_txt] -> [n, a].
+
+    Folds fc2 into the prompts and takes |embed(x)| from the Gram matrix of fc2, so no [n, d_txt]
+    tensor is built: the same function as `cosine_logits(embed(x), ...)` with a fraction of the
+    elementwise work, which is what bounds a CPU here. Where |embed(x)| < ~1e-2 |fc2 h| (fc2's terms
+    nearly cancel) fp32 cannot resolve the Gram sum: the cosine then stays bounded, not exact.
+    """
+    w2, b2 = p["fc2.weight"], p["fc2.bias"]  # [d_txt, hidden], [d_txt]
+    pn = F.normalize(prompts, dim=-1)  # [a, d_txt]
+    h = F.relu(F.linear(x, p["fc1.weight"], p["fc1.bias"]))  # [n, hidden]
+    sims = F.linear(h, pn @ w2, pn @ b2)  # <embed(x), pn>: [n, a]
+    gram = w2.transpose(-1, -2) @ w2  # [hidden, hidden]
+    hgh, bb = ((h @ gram) * h).sum(-1), b2 @ b2  # [n], []
+    sq = hgh + 2 * (h @ (b2 @ w2)) + bb  # |embed(x)|^2: [n]
+    # When embed(x) nearly cancels (|fc2 h| ~ |b2|, sum ~ 0) this sum loses fp32 precision; a
+    # relative floor and the clamp keep the cosine bounded there instead of exploding.
+    norm = sq.clamp_min(1e-6 * (hgh + bb) + 1e-24).sqrt().unsqueeze(-1)
+    return scale * (sims / norm).clamp(-1.0, 1.0)
 
 
 def cosine_logits(out: torch.Tensor, prompts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -115,17 +121,20 @@ def functional_forward(
 ) -> torch.Tensor:
     """Task-network logits from a flat weight vector: w [size], x [n, d_img], prompts [a, d_txt] -> [n, a].
 
-    Runs `TaskNetwork.forward` through `torch.func.functional_call`, so there is one definition of the
-    network and `torch.func.vmap` maps it over a batch of weight vectors.
+    A pure function (the same `adapter_logits` the module runs), so `torch.func.vmap` maps it over a
+    batch of weight vectors with nothing to build first.
     """
-    return torch.func.functional_call(skeleton(layout.spec), layout.unflatten(w), (x, prompts))
+    return adapter_logits(layout.unflatten(w), x, prompts, layout.spec.logit_scale)
 
 
 _SKELETONS: dict[TaskNetSpec, TaskNetwork] = {}
 
 
 def skeleton(spec: TaskNetSpec) -> TaskNetwork:
-    """A parameter-free (meta-device) TaskNetwork used only as the code of `functional_call`."""
+    """A parameter-free (meta-device) TaskNetwork used only as the code of `functional_call`.
+
+    Build it outside any torch.func transform: construction runs nn.Linear's (random) init.
+    """
     if spec not in _SKELETONS:
         with torch.device("meta"):
             _SKELETONS[spec] = TaskNetwork(spec)

@@ -250,3 +250,13 @@ def test_forward_near_cancellation(ratio, exact):
     assert got.abs().max() <= SPEC.logit_scale * 1.001
     if exact:
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+def test_functional_forward_works_first_inside_vmap():
+    """Nothing is built lazily on the first call, so the very first use may be inside a transform."""
+    spec = TaskNetSpec(d_img=12, hidden=5, d_txt=7)  # a spec no other test has used
+    layout = WeightLayout(spec)
+    w = torch.stack([init_weights(spec, s) for s in range(3)])
+    x, p = torch.randn(4, 12), torch.randn(2, 7)
+    out = torch.func.vmap(lambda v: functional_forward(layout, v, x, p))(w)
+    assert out.shape == (3, 4, 2) and torch.isfinite(out).all()
