@@ -8,13 +8,7 @@ from models.denoiser import ConditionEmbedder, LatentDenoiser, SinusoidalEmbeddi
 from models.diffusion import EMA, Diffusion, Standardizer, cfg
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread; with other processes on 2 cores, OpenMP spinning cost 30x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_denoiser(z, t, c, drop=None):

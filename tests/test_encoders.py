@@ -1,7 +1,6 @@
 """Real frozen encoders: offline defaults load from their packages; errors say how to fix them."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -9,12 +8,9 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import torch
 
-import torch  # noqa: E402
-
-from models.encoders import (  # noqa: E402
+from models.encoders import (
     IMAGE_ENCODERS,
     TEXT_ENCODERS,
     EncoderError,

@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-from orchestrator.feature_cache import (  # noqa: E402
+from orchestrator.feature_cache import (
     FeatureCache,
     FeatureCacheError,
     encode_images_cached,

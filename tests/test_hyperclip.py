@@ -11,13 +11,7 @@ from models.hyperclip import HyperCLIP, contrastive_loss, guide, score
 D_IN, D_TXT = 32, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls run fastest on one thread, and do not fight other processes for the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_pairs(n: int, g: torch.Generator, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

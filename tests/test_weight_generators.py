@@ -14,13 +14,7 @@ SMALL = TaskNetSpec(d_img=16, hidden=8, d_txt=8)
 LAYOUT = WeightLayout(SMALL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second intra-op thread only adds sync cost (5x slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- normaliser -----------------------------------------------------------------------------------
