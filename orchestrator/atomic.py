@@ -18,6 +18,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as f:  # the rename must not publish bytes still in flight (crash, power loss)
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; stores on shared storage must be readable by others
         os.replace(tmp, path)
     except BaseException:

@@ -205,8 +205,9 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size)
     shards = plan_shards(data.tasks, cfg, chash)
     todo, redone = [], []
+    manifest = store.manifest()
     for s in shards:
-        why = store.verify_shard(s.shard_id)
+        why = store.verify_shard(s.shard_id, manifest)
         if why is not None:
             todo.append(s)
             if why != "not in manifest":

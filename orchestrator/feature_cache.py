@@ -19,6 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.arrow_vectors import to_column, to_matrix
+from orchestrator.atomic import atomic_path
+
 PART_GLOB = "part-*.parquet"
 ID_FILE = "ENCODER_ID"
 
@@ -152,24 +155,11 @@ class FeatureCache:
         id_file = folder / ID_FILE
         if not id_file.exists():  # for people browsing the folder; the code never reads it
             id_file.write_text(encoder_id + "\n", encoding="utf-8")
-        n, dim = vectors.shape
-        table = pa.table(
-            {
-                "key": pa.array(keys, type=pa.string()),
-                "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), dim),
-            }
-        )
-        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = folder / f".{name}.tmp"  # does not match PART_GLOB, so readers skip it
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not publish a file whose bytes are still in flight
-            os.replace(tmp, folder / name)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return folder / name
+        table = pa.table({"key": pa.array(keys, type=pa.string()), "vector": to_column(vectors)})
+        path = folder / f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        with atomic_path(path) as tmp:  # its temporary name starts with '.', so readers skip it
+            pq.write_table(table, tmp)
+        return path
 
 
 def _read_part(path: Path) -> tuple[list[str], np.ndarray]:
@@ -187,8 +177,7 @@ def _read_part(path: Path) -> tuple[list[str], np.ndarray]:
     keys_col, vec_col = table.column("key"), table.column("vector").combine_chunks()
     if keys_col.null_count or vec_col.null_count or vec_col.flatten().null_count:
         raise ValueError("null keys or vectors")
-    dim = vtype.list_size
-    vectors = vec_col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    vectors = to_matrix(vec_col)
     if not np.isfinite(vectors).all():
         raise ValueError("NaN or infinite values")
     return keys_col.to_pylist(), vectors

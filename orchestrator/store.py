@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from orchestrator.arrow_vectors import to_column, to_matrix
 from orchestrator.atomic import atomic_path, write_json
 
 MANIFEST = "manifest.json"
@@ -95,7 +96,7 @@ class WeightStore:
         meta = meta.assign(shard_id=shard_id, checksum=[weights_checksum(r) for r in w])
         schema = _schema(w.shape[1])
         cols = {c: pa.array(meta[c].tolist(), type=schema.field(c).type) for c in META_COLUMNS}
-        cols["w"] = pa.FixedSizeListArray.from_arrays(pa.array(w.reshape(-1)), w.shape[1])
+        cols["w"] = to_column(w)
         table = pa.Table.from_pydict(cols, schema=schema)
         path = self.root / f"{shard_id}.parquet"
         with atomic_path(path) as tmp:
@@ -112,9 +113,12 @@ class WeightStore:
         self._save_manifest(manifest)
 
     # -- verifying ------------------------------------------------------------------------------
-    def verify_shard(self, shard_id: str) -> str | None:
-        """None when the shard is complete and intact, else why not (missing, hash or checksum mismatch)."""
-        entry = self.manifest()["shards"].get(shard_id)
+    def verify_shard(self, shard_id: str, manifest: dict | None = None) -> str | None:
+        """None when the shard is complete and intact, else why not (missing, hash or checksum mismatch).
+
+        Pass `manifest` when checking many shards, so it is read once, not once per shard.
+        """
+        entry = (manifest or self.manifest())["shards"].get(shard_id)
         path = self.root / f"{shard_id}.parquet"
         if entry is None:
             return "not in manifest"
@@ -128,7 +132,7 @@ class WeightStore:
             return f"file {path.name} unreadable: {e}"
         if table.num_rows != entry["rows"]:
             return f"file {path.name} has {table.num_rows} rows, manifest says {entry['rows']}"
-        return _bad_rows(table, path.name)
+        return _bad_rows(to_matrix(table.column("w")), table.column("checksum").to_pylist(), path.name)
 
     def completed_shards(self) -> list[str]:
         """Shard ids listed in the manifest."""
@@ -164,7 +168,7 @@ class WeightStore:
             filters.append(("seed", "in", [int(s) for s in seeds]))
         if final_only:
             filters.append(("final", "=", True))
-        tables = []
+        weights, metas = [], []
         entries = self.manifest()["shards"]
         for sid in shards:
             path = self.root / f"{sid}.parquet"
@@ -180,26 +184,18 @@ class WeightStore:
                     f"shard {path} is unreadable ({e}); rerun `python -m pipelines.experts` with the same "
                     "run directory to retrain it"
                 ) from e
-            bad = _bad_rows(t, path.name)
+            w = to_matrix(t.column("w"))  # converted once: checked here, returned below
+            bad = _bad_rows(w, t.column("checksum").to_pylist(), path.name)
             if bad:
                 raise StoreError(f"{bad}; rerun `python -m pipelines.experts` with the same run directory to retrain it")
-            tables.append(t)
-        table = pa.concat_tables(tables)
-        n_w = table.schema.field("w").type.list_size
-        flat = table.column("w").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        w = torch.tensor(np.asarray(flat, dtype=np.float32).reshape(-1, n_w))
-        meta = table.drop_columns(["w"]).to_pandas()
-        return StoredWeights(w=w, meta=meta)
+            weights.append(w)
+            metas.append(t.drop_columns(["w"]).to_pandas())
+        return StoredWeights(w=torch.from_numpy(np.concatenate(weights)), meta=pd.concat(metas, ignore_index=True))
 
 
-def _bad_rows(table: pa.Table, name: str) -> str | None:
-    """Why a table's weights cannot be trusted (checksum mismatch, NaN/inf), or None."""
-    if table.num_rows == 0:
-        return None
-    n_w = table.schema.field("w").type.list_size
-    w = table.column("w").combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, n_w)
-    sums = table.column("checksum").to_pylist()
-    for i, (row, want) in enumerate(zip(w, sums)):
+def _bad_rows(w: np.ndarray, checksums: list[str], name: str) -> str | None:
+    """Why a shard's weights [n, P] cannot be trusted (checksum mismatch, NaN/inf), or None."""
+    for i, (row, want) in enumerate(zip(w, checksums)):
         if weights_checksum(row) != want:
             return f"shard {name} row {i}: weight checksum mismatch (corrupted)"
     if not np.isfinite(w).all():

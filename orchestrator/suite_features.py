@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator.arrow_vectors import to_column, to_matrix
 from orchestrator.atomic import atomic_path, write_json
 
 TASK_COLUMNS = [
@@ -30,17 +31,13 @@ class FeaturesError(RuntimeError):
 
 def vectors_table(names: list[str], key: str, vecs: np.ndarray) -> pa.Table:
     """A (name, fixed-size float32 vector) table."""
-    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
-    arr = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), vecs.shape[1])
-    return pa.table({key: pa.array(names, pa.string()), "vector": arr})
+    return pa.table({key: pa.array(names, pa.string()), "vector": to_column(vecs)})
 
 
 def read_vectors(path: Path, key: str) -> tuple[list[str], np.ndarray]:
     """Inverse of `vectors_table` read from a Parquet file."""
     t = pq.read_table(path)
-    d = t.schema.field("vector").type.list_size
-    flat = t.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return t.column(key).to_pylist(), np.ascontiguousarray(flat, dtype=np.float32).reshape(-1, d)
+    return t.column(key).to_pylist(), to_matrix(t.column("vector"))
 
 
 @dataclass
