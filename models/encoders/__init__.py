@@ -6,10 +6,19 @@ open_clip) load inside the factories, so importing this package costs only torch
 """
 from __future__ import annotations
 
+import importlib
+
 from .base import EncoderError, ImageEncoder, TextEncoder, check_options
 
-TEXT_ENCODERS = ("minilm", "open_clip")
-IMAGE_ENCODERS = ("efficientnet_lite0", "open_clip")
+# (kind, name) -> (module, class): imported only when built, so open_clip stays optional.
+_BACKENDS = {
+    ("text", "minilm"): (".minilm", "MiniLMTextEncoder"),
+    ("text", "open_clip"): (".clip", "OpenClipTextEncoder"),
+    ("image", "efficientnet_lite0"): (".efficientnet", "EfficientNetLiteImageEncoder"),
+    ("image", "open_clip"): (".clip", "OpenClipImageEncoder"),
+}
+TEXT_ENCODERS = tuple(n for k, n in _BACKENDS if k == "text")
+IMAGE_ENCODERS = tuple(n for k, n in _BACKENDS if k == "image")
 DEFAULT_TEXT_ENCODER = "minilm"
 DEFAULT_IMAGE_ENCODER = "efficientnet_lite0"
 
@@ -26,39 +35,21 @@ __all__ = [
 ]
 
 
-def _text_class(name: str):
-    if name == "minilm":
-        from .minilm import MiniLMTextEncoder
-
-        return MiniLMTextEncoder
-    from .clip import OpenClipTextEncoder
-
-    return OpenClipTextEncoder
-
-
-def _image_class(name: str):
-    if name == "efficientnet_lite0":
-        from .efficientnet import EfficientNetLiteImageEncoder
-
-        return EfficientNetLiteImageEncoder
-    from .clip import OpenClipImageEncoder
-
-    return OpenClipImageEncoder
+def _make(kind: str, name: str, opts: dict):
+    names = TEXT_ENCODERS if kind == "text" else IMAGE_ENCODERS
+    if name not in names:
+        raise EncoderError(f"unknown {kind} encoder {name!r}; valid names are {list(names)}")
+    module, cls_name = _BACKENDS[(kind, name)]
+    cls = getattr(importlib.import_module(module, __name__), cls_name)
+    check_options(kind, name, cls.__init__, opts)
+    return cls(**opts)
 
 
 def make_text_encoder(name: str, **opts) -> TextEncoder:
     """Build text encoder `name` (one of TEXT_ENCODERS) with backend options, e.g. max_seq_length, pretrained."""
-    if name not in TEXT_ENCODERS:
-        raise EncoderError(f"unknown text encoder {name!r}; valid names are {list(TEXT_ENCODERS)}")
-    cls = _text_class(name)
-    check_options("text", name, cls.__init__, opts)
-    return cls(**opts)
+    return _make("text", name, opts)
 
 
 def make_image_encoder(name: str, **opts) -> ImageEncoder:
     """Build image encoder `name` (one of IMAGE_ENCODERS) with backend options, e.g. image_size, pretrained."""
-    if name not in IMAGE_ENCODERS:
-        raise EncoderError(f"unknown image encoder {name!r}; valid names are {list(IMAGE_ENCODERS)}")
-    cls = _image_class(name)
-    check_options("image", name, cls.__init__, opts)
-    return cls(**opts)
+    return _make("image", name, opts)

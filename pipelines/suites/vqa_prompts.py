@@ -102,6 +102,14 @@ def _what_noun_be(noun: list[str], be: str, x: list[str]) -> str:
     return " ".join(["the", *noun, *x, be, "{}"])  # "what animal is on the bed?" -> "the animal on the bed is {}"
 
 
+def _noun_answer(noun: list[str], be: str, x: list[str]) -> str:
+    """The answer qualifies `noun`: in the verb phrase when x is an -ing clause, else "x be {} noun"."""
+    ing = _ing_split(x)
+    if ing:
+        return _verb_phrase(ing[0], be, ing[1], ing[2], obj=noun)
+    return _what_noun_be(noun, be, x)
+
+
 def template_rule(question: str) -> tuple[str, str]:
     """(template, rule name) for a question; see answer_template."""
     q = " ".join(re.sub(r"[\s?]+$", "", question.strip()).split())
@@ -119,11 +127,8 @@ def template_rule(question: str) -> tuple[str, str]:
         return (_verb_phrase(ing[0], be, ing[1], ing[2]) if ing else " ".join([*x, be, "{}"])), "colour"
     m = re.fullmatch(r"what colou?r (\S+) (is|are|was|were) (.+)", low)
     if m and m.group(1) not in BE:
-        x, be, noun = words(m.start(3)), m.group(2), words(m.start(1))[:1]
-        ing = _ing_split(x)
-        if ing:  # "what color shirt is the man wearing?" -> "the man is wearing {} shirt"
-            return _verb_phrase(ing[0], be, ing[1], ing[2], obj=noun), "colour"
-        return _what_noun_be(noun, be, x), "colour"
+        # "what color shirt is the man wearing?" -> "the man is wearing {} shirt"
+        return _noun_answer(words(m.start(1))[:1], m.group(2), words(m.start(3))), "colour"
     m = re.fullmatch(r"how many (.+?) (are|is|were|was) there(.*)", low)
     if m:
         x = words(m.start(1))[:len(m.group(1).split())]
@@ -142,11 +147,9 @@ def template_rule(question: str) -> tuple[str, str]:
         return " ".join(["{}", *words(m.start(1))]), "how_many"
     m = re.fullmatch(rf"what (?:{KIND_WORDS}) of (.+?) (is|are|was|were) (.+)", low)
     if m:
-        noun, be, x = words(m.start(1))[:len(m.group(1).split())], m.group(2), words(m.start(3))
-        ing = _ing_split(x)
-        if ing:  # "what kind of hat is the man wearing?" -> "the man is wearing {} hat"
-            return _verb_phrase(ing[0], be, ing[1], ing[2], obj=noun), "kind_of"
-        return _what_noun_be(noun, be, x), "kind_of"
+        # "what kind of hat is the man wearing?" -> "the man is wearing {} hat"
+        noun = words(m.start(1))[:len(m.group(1).split())]
+        return _noun_answer(noun, m.group(2), words(m.start(3))), "kind_of"
     m = re.fullmatch(rf"what (?:{KIND_WORDS}) of (.+)", low)
     if m:
         return " ".join(["the", *words(m.start(1)), "is", "{}"]), "kind_of"
