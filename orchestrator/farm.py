@@ -205,9 +205,8 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size)
     shards = plan_shards(data.tasks, cfg, chash)
     todo, redone = [], []
-    manifest = store.manifest()
-    for s in shards:
-        why = store.verify_shard(s.shard_id, manifest)
+    for s in shards:  # set_info changed only store-wide keys, so `old` still lists the shards
+        why = store.verify_shard(s.shard_id, old)
         if why is not None:
             todo.append(s)
             if why != "not in manifest":

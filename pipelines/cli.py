@@ -82,7 +82,7 @@ def check_choice(name: str, value, choices) -> None:
 def check_range(name: str, value, lo=None, hi=None) -> None:
     """Raise ConfigError unless lo <= value <= hi."""
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"{'>= ' + str(lo) if lo is not None else ''}{' and ' if lo is not None and hi is not None else ''}{'<= ' + str(hi) if hi is not None else ''}"
+        bounds = " and ".join(b for b in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if b)
         raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}")
 
 
