@@ -42,3 +42,15 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
     r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
+
+
+def test_default_pipeline_experts_reach_95_percent_on_easyvqa(tmp_path):
+    """`make run`'s job, for real: all 107 easyvqa tasks, cold caches; experts' mean query accuracy >= 95%."""
+    run_dir = tmp_path / "default"
+    r = run_cli("pipelines.full", "--preset", "default", "--run-dir", str(run_dir), "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    from orchestrator.store import WeightStore
+
+    meta = WeightStore(run_dir / "store" / "weights").read_meta()
+    assert meta["task_id"].nunique() == len(meta) == 107
+    assert meta["query_acc"].mean() >= 0.95, meta["query_acc"].describe()
