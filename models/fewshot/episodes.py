@@ -138,7 +138,7 @@ class TaskPool:
             support_labels=[np.asarray(a, np.int64) for a in tasks["support_labels"]],
             query_images=[np.asarray(a, np.int64) for a in tasks["query_images"]],
             query_labels=[np.asarray(a, np.int64) for a in tasks["query_labels"]],
-            prompts=[txt[np.asarray(p, np.int64)].clone() for p in tasks["prompt_texts"]],
+            prompts=[txt[torch.as_tensor(np.array(p, np.int64))] for p in tasks["prompt_texts"]],
         )
 
     def __len__(self) -> int:
