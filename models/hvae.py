@@ -24,7 +24,9 @@ class HVAE(nn.Module):
     def encode(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """w [B, n_weights] -> posterior mean and log-variance, each [B, d_latent]."""
         mu, logvar = self.encoder(w).chunk(2, dim=-1)  # [B, 2 d] -> 2 x [B, d]
-        return mu, logvar
+        # Bounded log-variance: with a reconstruction summed over ~54k coordinates the early gradients are
+        # large, and an unbounded logvar overflowed exp() to inf and the loss to NaN within 500 steps.
+        return mu, logvar.clamp(-12.0, 4.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, d_latent] -> w [B, n_weights]."""
@@ -39,11 +41,15 @@ class HVAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def forward(
-        self, w: torch.Tensor, generator: torch.Generator | None = None
+        self, w: torch.Tensor, generator: torch.Generator | None = None, eps: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """w [B, n_weights] -> (w_rec, mu, logvar). Samples z in training mode; decodes mu in eval mode."""
+        """w [B, n_weights] -> (w_rec, mu, logvar). Samples z in training mode (noise `eps` [B, d_latent]
+        when given, else from `generator`); decodes mu in eval mode."""
         mu, logvar = self.encode(w)
-        z = self.reparameterize(mu, logvar, generator) if self.training else mu
+        if self.training and eps is not None:
+            z = mu + torch.exp(0.5 * logvar) * eps
+        else:
+            z = self.reparameterize(mu, logvar, generator) if self.training else mu
         return self.decode(z), mu, logvar
 
     @torch.no_grad()

@@ -60,10 +60,13 @@ def contrastive_loss(model: HyperCLIP, v: torch.Tensor, c: torch.Tensor) -> torc
     Rows of one task repeated in a batch are false negatives for each other (as in the paper's setup);
     callers that care should sample one weight vector per task per batch.
     """
-    e_v = model.embed(v)  # [B, d_txt]
-    e_c = F.normalize(c, dim=-1)  # [B, d_txt]
-    logits = model.scale() * e_v @ e_c.T  # [B, B]
-    labels = torch.arange(len(v), device=v.device)
+    return info_nce(model.embed(v), c, model.scale())
+
+
+def info_nce(e_v: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy between unit vectors e_v [B, d] and descriptions c [B, d] (normalised here)."""
+    logits = scale * e_v @ F.normalize(c, dim=-1).T  # [B, B]
+    labels = torch.arange(len(e_v), device=e_v.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
