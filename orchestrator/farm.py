@@ -6,6 +6,7 @@ holds intact, feeds the actors, writes each finished shard atomically and shows 
 """
 from __future__ import annotations
 
+
 import hashlib
 import json
 import time
@@ -202,7 +203,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
         )
     if cfg.init_from:
         load_base(cfg.init_from, layout)  # fail here, clearly, not inside every actor
-    store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size)
+    store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size, spec=asdict(layout.spec))
     shards = plan_shards(data.tasks, cfg, chash)
     todo, redone = [], []
     for s in shards:  # set_info changed only store-wide keys, so `old` still lists the shards

@@ -63,6 +63,7 @@ def launch(
     run_dir: Path,
     num_workers: int = 1,
     max_failures: int = 0,
+    cpus_per_worker: int = 1,
 ) -> TrainResult:
     """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume."""
     storage = (Path(run_dir) / STORAGE_DIR).resolve()
@@ -70,7 +71,7 @@ def launch(
     trainer = TorchTrainer(
         train_loop_per_worker=functools.partial(_entry, loop),
         train_loop_config=dict(config),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),

@@ -38,6 +38,7 @@ class FeaturesConfig:
     text_encoder: str = "minilm"  # minilm (offline default) or open_clip
     image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) or open_clip
     image_size: int = 96  # efficientnet input size in pixels
+    image_dims: int = 128  # keep the top principal components of the image features (0: the encoder's full width)
     clip_model: str = "ViT-L-14-336"  # open_clip model (the paper's; ViT-B-32 for quick runs); open_clip encoders only
     clip_pretrained: str | None = "openai"  # open_clip pretrained tag or local checkpoint path (None: random init, tests only)
     device: str = "cpu"  # where the encoders run: cpu, cuda, cuda:1 (features are cached, so encoding runs once)
@@ -58,6 +59,7 @@ class FeaturesConfig:
         check_range("n_tasks", self.n_tasks, 1)
         check_range("samples_per_task", self.samples_per_task, 4)
         check_range("image_size", self.image_size, 32, 1024)
+        check_range("image_dims", self.image_dims, 0)
         if self.max_samples_per_task is not None:
             check_range("max_samples_per_task", self.max_samples_per_task, 4)
         if self.tasks_file is not None and not Path(self.tasks_file).is_file():
@@ -108,6 +110,38 @@ def features_hash(cfg: FeaturesConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+PROJECTION_FILE = "image_projection.safetensors"
+
+
+def fit_projection(img: np.ndarray, dims: int, path: Path) -> np.ndarray:
+    """Project image features [n, d] onto their top `dims` principal components; save (mean, components) to `path`.
+
+    The task network's first layer is most of its weights (d_img x hidden); a frozen linear projection
+    of the frozen encoder's features shrinks every weight vector the generative models must produce
+    (54k -> 17k weights at 1280 -> 128 dims) and keeps nearly all the features' variance. Unsupervised:
+    fit on the suite's images, no labels.
+    """
+    from safetensors.numpy import save_file
+
+    from orchestrator.atomic import atomic_path
+
+    x = img.astype(np.float64)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:dims]  # [dims, d]
+    with atomic_path(path) as tmp:
+        save_file({"mean": mean.astype(np.float32), "components": comps.astype(np.float32)}, str(tmp))
+    return apply_projection(img, path)
+
+
+def apply_projection(img: np.ndarray, path: Path) -> np.ndarray:
+    """Image features [n, d] -> [n, dims] with a projection saved by `fit_projection`."""
+    from safetensors.numpy import load_file
+
+    p = load_file(str(path))
+    return ((img - p["mean"]) @ p["components"].T).astype(np.float32)
+
+
 def run(cfg: FeaturesConfig, ctx: RunContext):
     """Build (or reuse) `<run_dir>/features` for this config; returns the SuiteFeatures."""
     from orchestrator.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
@@ -142,6 +176,8 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
     t_img = time.perf_counter()
     img = encode_images_cached(image_enc, paths, cache, progress=ctx.progress)
     t_img = time.perf_counter() - t_img
+    if 0 < cfg.image_dims < img.shape[1]:
+        img = fit_projection(img, cfg.image_dims, out / PROJECTION_FILE)
     texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
     text_id = {s: i for i, s in enumerate(texts)}
     txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)
@@ -159,6 +195,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
         config_hash=chash, suite=suite.name, suite_info=suite.info, text_encoder=text_enc.id,
         image_encoder=image_enc.id, d_img=int(img.shape[1]), d_txt=int(txt.shape[1]),
         n_tasks=len(tasks), n_images=len(paths), splits=tasks["split"].value_counts().to_dict(),
+        config=json.loads(json.dumps(asdict(cfg), default=str)),  # lets pipelines.zero_shot encode new tasks alike
     )
     feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
     feats.save(out)
