@@ -15,6 +15,8 @@ USER_ERRORS = {
     "orchestrator.suite_features": "FeaturesError",
     "orchestrator.cluster": "ClusterError",
     "orchestrator.farm": "FarmError",
+    "orchestrator.train": "TrainError",
+    "pipelines.zs_data": "ZeroShotError",
 }
 
 

@@ -1,0 +1,91 @@
+"""Stage `baselines`: the trained zero-shot baselines, per split and seed.
+
+    python -m pipelines.baselines --run-dir runs/default
+
+- multitask: one task network trained on every meta-train task's support set (uninformed);
+- text_hnet: a text-conditioned hypernetwork, description embedding -> MLP -> latent -> HNet -> weights,
+  trained end to end on the meta-train support losses;
+- maml: a first-order MAML initialisation, evaluated zero-shot (no adaptation).
+Chance, nearest-task and the per-task expert (oracle) need no training; `evaluate` computes them.
+Writes `models/baselines/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.cli import RunContext, check_range
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    """How the baselines train (task-loss Adam; MAML's inner loop)."""
+
+    steps: int = 1000  # Adam steps of multitask and the text-conditioned HNet
+    lr: float = 1e-3  # their learning rate
+    tasks_per_step: int = 16  # tasks per step
+    samples_per_task: int = 32  # support samples per task per step
+    d_latent: int = 128  # text-conditioned HNet latent size
+    hidden: tuple[int, ...] = (128, 128)  # text-conditioned HNet widths
+    maml_steps: int = 300  # MAML outer steps
+    maml_inner_steps: int = 1  # MAML inner SGD steps
+    maml_inner_lr: float = 0.1  # MAML inner learning rate
+    num_workers: int = 2  # Ray Train workers
+    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
+    log_every: int = 100  # steps between logged losses
+
+    def __post_init__(self):
+        for name in ("steps", "tasks_per_step", "samples_per_task", "d_latent", "maml_steps", "maml_inner_steps", "num_workers", "log_every"):
+            check_range(name, getattr(self, name), 1)
+        check_range("lr", self.lr, 1e-7, 1.0)
+        check_range("maml_inner_lr", self.maml_inner_lr, 0.0, 10.0)
+
+
+CONFIG = BaselinesConfig
+NEEDS_RAY = True
+PRESETS = {"smoke": dict(steps=40, maml_steps=20, d_latent=16, hidden=(32, 32), log_every=20), "default": dict()}
+
+
+def train_one(data, seed: int, cfg: BaselinesConfig, hooks):
+    """Train multitask, text-conditioned HNet and MAML for one split and seed; returns (state, metrics)."""
+    from models.task_net import init_weights
+    from models.zs_train import SharedWeights, TaskFit, TextHNet, fit_task_model, task_accuracy, train_maml_init
+
+    fit = TaskFit(cfg.steps, cfg.lr, cfg.tasks_per_step, cfg.samples_per_task)
+    torch.manual_seed(seed)
+    multitask = fit_task_model(SharedWeights(init_weights(data.layout.spec, seed)), data.train, fit, seed, hooks.prefixed("multitask_"))
+    torch.manual_seed(seed)
+    text = fit_task_model(TextHNet(data.norm, data.train.c.shape[1], cfg.d_latent, cfg.hidden), data.train, fit, seed, hooks.prefixed("text_hnet_"))
+    mfit = TaskFit(cfg.maml_steps, cfg.lr, cfg.tasks_per_step, cfg.samples_per_task)
+    maml = train_maml_init(data.train, mfit, cfg.maml_inner_steps, cfg.maml_inner_lr, seed, hooks.prefixed("maml_"))
+    rows = torch.arange(data.train.batch.n)
+    metrics = {f"{k}_train_query_acc": float(task_accuracy(data.train, m(rows, data.train.c).detach()).mean())
+               for k, m in (("multitask", multitask), ("text_hnet", text), ("maml", maml))}
+    state = {f"{k}.{n}": t for k, m in (("multitask", multitask), ("text_hnet", text), ("maml", maml))
+             for n, t in m.state_dict().items()}
+    return state, metrics
+
+
+def run(cfg: BaselinesConfig, ctx: RunContext):
+    from pipelines.zs_launch import train_stage
+
+    return train_stage("pipelines.baselines", "baselines", cfg, ctx)
+
+
+def track(out, ctx: RunContext):
+    from pipelines.zs_launch import model_files, stage_metrics
+
+    return stage_metrics(out), model_files(ctx.run_dir, "baselines")
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("baselines", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()

@@ -1,0 +1,114 @@
+"""Stage `generators`: the unconditional weight generators of Nava et al. (2023), per split and seed.
+
+    python -m pipelines.generators --run-dir runs/default --set seeds=0,1,2
+
+HNet route: one hypernetwork decodes a 128-d latent into task-network weights; every meta-train task's
+latent starts at a shared, learned meta latent and both are trained on the tasks' support losses
+(§3.1). HVAE route: a VAE over the meta-train experts of the weight store, in per-layer normalised
+weight space (§3.4). Reads `features/` and `store/weights`, writes `models/generators/` and the
+plan (splits x seeds) every later zero-shot stage follows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.cli import ConfigError, RunContext, check_range
+
+SPLITS = ("random", "compositional", "given")
+
+
+@dataclass(frozen=True)
+class GeneratorsConfig:
+    """Which splits and seeds the zero-shot stages cover, and how HNet and HVAE train."""
+
+    splits: tuple[str, ...] = ("random", "compositional")  # split modes to evaluate (given: the features' own split)
+    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every zero-shot model (the table's mean ± std)
+    d_latent: int = 128  # latent size of HNet and HVAE (paper: 128)
+    hidden: tuple[int, ...] = (128, 128)  # MLP widths of HNet and the HVAE encoder/decoder (paper: [128, 128])
+    hnet_steps: int = 1000  # Adam steps of HNet + latents on support losses
+    hnet_lr: float = 1e-3  # HNet learning rate
+    tasks_per_step: int = 16  # tasks in each HNet step
+    samples_per_task: int = 32  # support samples per task in each HNet step
+    hvae_steps: int = 400  # Adam steps of the HVAE
+    hvae_lr: float = 1e-3  # HVAE learning rate
+    hvae_batch: int = 32  # experts per HVAE step
+    hvae_beta: float = 1.0  # KL weight of the HVAE's ELBO
+    num_workers: int = 2  # Ray Train workers
+    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
+    log_every: int = 100  # steps between logged losses
+
+    def __post_init__(self):
+        if not self.splits or not self.seeds:
+            raise ConfigError("splits and seeds must each name at least one value")
+        for s in self.splits:
+            if s not in SPLITS:
+                raise ConfigError(f"splits: {s!r} is not valid; choose from {', '.join(SPLITS)}")
+        for name in ("d_latent", "hnet_steps", "tasks_per_step", "samples_per_task", "hvae_steps", "hvae_batch", "num_workers", "log_every"):
+            check_range(name, getattr(self, name), 1)
+        check_range("hnet_lr", self.hnet_lr, 1e-7, 1.0)
+        check_range("hvae_lr", self.hvae_lr, 1e-7, 1.0)
+        check_range("hvae_beta", self.hvae_beta, 0.0)
+
+
+CONFIG = GeneratorsConfig
+NEEDS_RAY = True
+PRESETS = {
+    "smoke": dict(splits=("given",), seeds=(0,), hnet_steps=40, hvae_steps=40, d_latent=16, hidden=(32, 32), log_every=20),
+    "default": dict(),
+}
+
+
+def train_one(data, seed: int, cfg: GeneratorsConfig, hooks):
+    """Train HNet (+ latents) and HVAE for one split and seed; returns (state, metrics)."""
+    from models.zs_train import LatentHNet, TaskFit, VaeFit, fit_task_model, task_accuracy, train_hvae
+
+    torch.manual_seed(seed)
+    hnet = LatentHNet(data.norm, data.train.batch.n, cfg.d_latent, cfg.hidden, torch.Generator().manual_seed(seed))
+    fit = TaskFit(cfg.hnet_steps, cfg.hnet_lr, cfg.tasks_per_step, cfg.samples_per_task)
+    fit_task_model(hnet, data.train, fit, seed, hooks.prefixed("hnet_"))
+    wn = data.norm.encode(data.w_train)
+    vfit = VaeFit(cfg.hvae_steps, cfg.hvae_lr, cfg.hvae_batch, cfg.hvae_beta, cfg.d_latent, cfg.hidden)
+    vae = train_hvae(wn, vfit, seed, hooks.prefixed("hvae_"))
+    with torch.no_grad():
+        mu = vae.encode(wn)[0]  # [N, d] the HVAE latents of the meta-train experts
+        rows = torch.arange(data.train.batch.n)
+        metrics = {
+            "hnet_train_query_acc": float(task_accuracy(data.train, hnet(rows, data.train.c)).mean()),
+            "expert_train_query_acc": float(task_accuracy(data.train, data.w_train).mean()),
+            "hvae_recon_train_query_acc": float(task_accuracy(data.train, data.norm.decode(vae.decode(mu))).mean()),
+            "hvae_recon_test_query_acc": float(task_accuracy(
+                data.test, data.norm.decode(vae.decode(vae.encode(data.norm.encode(data.w_test))[0]))).mean()),
+        }
+    state = {**{f"hnet.{k}": v for k, v in hnet.state_dict().items()},
+             **{f"hvae.{k}": v for k, v in vae.state_dict().items()}, "hvae_latents": mu}
+    return state, metrics
+
+
+def run(cfg: GeneratorsConfig, ctx: RunContext):
+    """Record the plan, then train every (split, seed) not yet up to date."""
+    from pipelines.zs_data import write_plan
+    from pipelines.zs_launch import train_stage
+
+    write_plan(ctx.run_dir, cfg.splits, cfg.seeds)
+    return train_stage("pipelines.generators", "generators", cfg, ctx)
+
+
+def track(out, ctx: RunContext):
+    """Final losses and accuracies per (split, seed); the model files."""
+    from pipelines.zs_launch import model_files, stage_metrics
+
+    return stage_metrics(out), model_files(ctx.run_dir, "generators")
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("generators", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()

@@ -1,0 +1,97 @@
+"""Stage `hyperclip`: HyperCLIP (Nava et al. 2023, §3.2) per route, split and seed.
+
+    python -m pipelines.hyperclip --run-dir runs/default
+
+An MLP maps a task network's normalised weights to the text-embedding space, trained with CLIP's
+symmetric InfoNCE against the meta-train tasks' description embeddings. One model per route. The HVAE
+route's is trained on the meta-train experts themselves (the weight dataset, as in the paper); the
+HNet route has no experts in its space, so its HyperCLIP sees the HNet's decoded task weights.
+Reads `models/generators/` and the weight store, writes `models/hyperclip/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipelines.cli import RunContext, check_choice, check_range
+
+
+@dataclass(frozen=True)
+class HyperClipConfig:
+    """How HyperCLIP trains."""
+
+    steps: int = 200  # Adam steps
+    lr: float = 1e-3  # learning rate (paper: 1e-3)
+    hidden: tuple[int, ...] = (128, 128)  # MLP widths (paper: [128, 128])
+    batch: int = 256  # (weights, description) pairs per step (all when fewer)
+    hvae_inputs: str = "experts"  # HVAE route trains on: experts (measured better for guidance) or reconstructions
+    num_workers: int = 2  # Ray Train workers
+    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
+    log_every: int = 100  # steps between logged losses
+
+    def __post_init__(self):
+        check_range("steps", self.steps, 1)
+        check_range("lr", self.lr, 1e-7, 1.0)
+        check_range("num_workers", self.num_workers, 1)
+        check_range("batch", self.batch, 2)
+        check_choice("hvae_inputs", self.hvae_inputs, ("experts", "reconstructions"))
+        check_range("log_every", self.log_every, 1)
+
+
+CONFIG = HyperClipConfig
+NEEDS_RAY = True
+PRESETS = {"smoke": dict(steps=30, hidden=(32,), log_every=10), "default": dict()}
+
+
+@torch.no_grad()
+def held_out_scores(model, data) -> dict[str, float]:
+    """Mean cosine of matched vs mismatched (oracle expert weights, description) pairs on meta-test tasks."""
+    from models.hyperclip import score
+
+    e = model.embed(data.norm.encode(data.w_test))  # [M, d]
+    cos = e @ torch.nn.functional.normalize(data.test.c, dim=-1).T  # [M, M]
+    off = ~torch.eye(len(cos), dtype=torch.bool)
+    matched = float(score(model, data.norm.encode(data.w_test), data.test.c).mean())
+    return {"test_matched_cos": matched, "test_mismatched_cos": float(cos[off].mean()),
+            "test_top1": float((cos.argmax(1) == torch.arange(len(cos))).float().mean())}
+
+
+def train_one(data, seed: int, cfg: HyperClipConfig, hooks):
+    """One HyperCLIP per route on (decoded meta-train weights, descriptions); returns (state, metrics)."""
+    from models.zs_train import ClipFit, train_hyperclip
+    from pipelines.zs_models import load_routes
+
+    state, metrics = {}, {}
+    for name, route in load_routes(data.run_dir, data, seed).items():
+        with torch.no_grad():  # [N, P] normalised weights
+            experts = name == "hvae" and cfg.hvae_inputs == "experts"
+            v = data.norm.encode(data.w_train) if experts else route.decode_n(route.z_train)
+        model = train_hyperclip(v, data.train.c, ClipFit(cfg.steps, cfg.lr, cfg.hidden, cfg.batch), seed, hooks.prefixed(f"{name}_"))
+        state.update({f"{name}.{k}": t for k, t in model.state_dict().items()})
+        metrics.update({f"{name}_{k}": x for k, x in held_out_scores(model, data).items()})
+    return state, metrics
+
+
+def run(cfg: HyperClipConfig, ctx: RunContext):
+    from pipelines.zs_launch import train_stage
+
+    return train_stage("pipelines.hyperclip", "hyperclip", cfg, ctx)
+
+
+def track(out, ctx: RunContext):
+    from pipelines.zs_launch import model_files, stage_metrics
+
+    return stage_metrics(out), model_files(ctx.run_dir, "hyperclip")
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("hyperclip", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()

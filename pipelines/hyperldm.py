@@ -1,0 +1,82 @@
+"""Stage `hyperldm`: HyperLDM (Nava et al. 2023, §3.4), a latent diffusion model per route, split and seed.
+
+    python -m pipelines.hyperldm --run-dir runs/default --set steps=4000
+
+An ε-predictor over the route's standardised latents, conditioned on description embeddings, 20 % of
+conditions dropped to a learned null embedding so classifier-free guidance can mix ε(z, c) and
+ε(z, ∅) at sampling time; EMA weights are what is saved. Reads `models/generators/`, writes
+`models/hyperldm/`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipelines.cli import RunContext, check_choice, check_range
+
+
+@dataclass(frozen=True)
+class HyperLdmConfig:
+    """How HyperLDM trains."""
+
+    steps: int = 3000  # Adam steps
+    lr: float = 1e-3  # learning rate
+    batch: int = 600  # (latent, t, noise) draws per step
+    hidden: int = 512  # width of the ε-MLP's two [Linear+LayerNorm+ReLU] blocks
+    timesteps: int = 1000  # diffusion steps T (paper: 1000)
+    schedule: str = "cosine"  # noise schedule (paper: cosine)
+    ema_decay: float = 0.999  # EMA of the denoiser's weights
+    drop_prob: float = 0.2  # share of conditions dropped to ∅ in training (paper: 20 %)
+    num_workers: int = 2  # Ray Train workers
+    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
+    log_every: int = 500  # steps between logged losses
+
+    def __post_init__(self):
+        check_choice("schedule", self.schedule, ("cosine", "linear"))
+        for name in ("steps", "batch", "hidden", "timesteps", "num_workers", "log_every"):
+            check_range(name, getattr(self, name), 1)
+        check_range("lr", self.lr, 1e-7, 1.0)
+        check_range("ema_decay", self.ema_decay, 0.0, 1.0)
+        check_range("drop_prob", self.drop_prob, 0.0, 1.0)
+
+
+CONFIG = HyperLdmConfig
+NEEDS_RAY = True
+PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=20), "default": dict()}
+
+
+def train_one(data, seed: int, cfg: HyperLdmConfig, hooks):
+    """One HyperLDM per route on (meta-train latents, descriptions); returns (state, metrics)."""
+    from models.zs_train import LdmFit, train_hyperldm
+    from pipelines.zs_models import load_routes
+
+    fit = LdmFit(cfg.steps, cfg.lr, cfg.batch, cfg.hidden, cfg.timesteps, cfg.schedule, cfg.ema_decay, cfg.drop_prob)
+    state = {}
+    for name, route in load_routes(data.run_dir, data, seed).items():
+        ldm = train_hyperldm(route.z_train, data.train.c, fit, seed, hooks.prefixed(f"{name}_"))
+        state.update({f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()})
+        state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
+    return state, {}
+
+
+def run(cfg: HyperLdmConfig, ctx: RunContext):
+    from pipelines.zs_launch import train_stage
+
+    return train_stage("pipelines.hyperldm", "hyperldm", cfg, ctx)
+
+
+def track(out, ctx: RunContext):
+    from pipelines.zs_launch import model_files, stage_metrics
+
+    return stage_metrics(out), model_files(ctx.run_dir, "hyperldm")
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("hyperldm", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()
