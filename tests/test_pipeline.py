@@ -29,26 +29,63 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and parents[0].info.run_name == "full"
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"features", "experts"}
+    assert set(children) == {"features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate"}
     assert children["experts"].data.params["steps"] == "60"
     assert children["experts"].data.metrics["experts_trained"] == 24
     assert children["features"].data.metrics["tasks"] == 24
     arts = [a.path for a in client.list_artifacts(children["experts"].info.run_id)]
     assert "manifest.json" in arts and "config.json" in arts
     timings = json.loads((run_dir / "timings.json").read_text())
-    assert {"ray_start_s", "features_s", "experts_s", "total_s"} <= set(timings)
+    assert {"ray_start_s", "features_s", "experts_s", "generators_s", "evaluate_s", "total_s"} <= set(timings)
+
+    # The zero-shot table: every method, each a valid accuracy; chance is the mean of 1/|answers|.
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "results" / "zero_shot.csv")
+    assert {"suite", "split", "method", "seed", "accuracy", "guidance_scale"} <= set(table.columns)
+    methods = set(table["method"])
+    assert {"chance", "oracle", "nearest_task", "multitask", "maml_zero_shot", "text_hnet", "hnet_hyperclip",
+            "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"} == methods
+    assert table["accuracy"].between(0, 1).all()
+    oracle = table.loc[table["method"] == "oracle", "accuracy"].iloc[0]
+    assert oracle > table.loc[table["method"] == "chance", "accuracy"].iloc[0]
+    md = (run_dir / "results" / "zero_shot.md").read_text()
+    assert "| hnet_hyperldm (γ=1) |" in md
+    assert (run_dir / "results" / "zero_shot.png").read_bytes()[:4] == b"\x89PNG"
+    evaluate = children["evaluate"]
+    assert "given/oracle" in evaluate.data.metrics
+    assert {"zero_shot.csv", "zero_shot.md", "zero_shot.png"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert any(a.path.endswith(".safetensors") for a in client.list_artifacts(children["hyperldm"].info.run_id))
+
+    # Bring your own descriptions: the smoke suite's tasks as a task file, weights from the trained run.
+    from pipelines.suites import write_task_file
+    from pipelines.features import FeaturesConfig, PRESETS, load_tasks
+    from pipelines.cli import build_config
+
+    task_file = tmp_path / "tasks.jsonl"
+    write_task_file(load_tasks(build_config(FeaturesConfig, PRESETS, "smoke", [])), task_file)
+    r = run_cli("pipelines.zero_shot", "--tasks", str(task_file), "--from", str(run_dir), "--method", "hnet_hyperldm",
+                "--guidance", "1.5", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = json.loads(r.stdout.strip().splitlines()[-1])
+    assert last["tasks"] == 24 and 0.0 <= last["mean_accuracy"] <= 1.0
+    from orchestrator.store import WeightStore
+
+    assert len(WeightStore(last["store"]).read().w) == 24
 
     # The same command again resumes: nothing is retrained, a new parent run is logged.
     r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
+    assert "1 of 1 models up to date, 0 to train" in r.stderr
 
 
 def test_default_pipeline_experts_reach_95_percent_on_easyvqa(tmp_path):
-    """`make run`'s job, for real: all 107 easyvqa tasks, cold caches; experts' mean query accuracy >= 95%."""
+    """`make run`'s first two stages, for real: all 107 easyvqa tasks, cold caches; experts' mean query accuracy >= 95%."""
     run_dir = tmp_path / "default"
-    r = run_cli("pipelines.full", "--preset", "default", "--run-dir", str(run_dir), "--no-progress")
-    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("pipelines.features", "pipelines.experts"):
+        r = run_cli(stage, "--preset", "default", "--run-dir", str(run_dir), "--no-progress")
+        assert r.returncode == 0, r.stderr[-3000:]
     from orchestrator.store import WeightStore
 
     meta = WeightStore(run_dir / "store" / "weights").read_meta()
