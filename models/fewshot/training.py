@@ -33,6 +33,7 @@ class MethodParams:
     hypermaml_warmup_lr: float = 0.01  # HyperMAML's warm-up learning rate (paper: 0.01)
     hypermaml_warmup_fraction: float = 0.2  # share of training over which β goes 0 -> 1
     ht_layers: str = "last"  # HyperTransformer generates the last layer or all layers
+    ht_init_gain: float = 0.3  # HyperTransformer's initial output gain (scale of its generated residual)
     metadiff_width: int = 128  # MetaDiff denoiser width
     metadiff_pretrain_steps: int = 300  # multitask pretraining of fc1 (MetaDiff's frozen extractor)
     metadiff_target_steps: int = 100  # Adam steps of each task's target fc2
@@ -51,7 +52,7 @@ def build(method: str, spec: TaskNetSpec, hp: MethodParams, seed: int) -> nn.Mod
     if method == "hypermaml":
         return HyperMAML(spec, hp.max_answers, hp.hypermaml_warmup_steps, hp.hypermaml_warmup_lr, seed=seed)
     if method == "hypertransformer":
-        return HyperTransformer(spec, hp.ht_layers, max_answers=hp.max_answers, seed=seed)
+        return HyperTransformer(spec, hp.ht_layers, max_answers=hp.max_answers, init_gain=hp.ht_init_gain, seed=seed)
     if method == "metadiff":
         return MetaDiff(spec, steps=hp.inner_steps, width=hp.metadiff_width)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
