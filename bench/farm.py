@@ -84,7 +84,8 @@ def build_features(n_tasks: int, work: Path, seed: int):
     from pipelines.cli import RunContext, build_config
 
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "default",
-                       ["suite=procedural", f"n_tasks={n_tasks}", f"cache_dir={work / 'cache'}"], seed)
+                       # Full 1,280-d image features (no projection): the workload the README's figures measure.
+                       ["suite=procedural", f"n_tasks={n_tasks}", f"cache_dir={work / 'cache'}", "image_dims=0"], seed)
     return features.run(cfg, RunContext(run_dir=work / f"n{n_tasks}-s{seed}", progress=False))
 
 

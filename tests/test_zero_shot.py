@@ -86,3 +86,4 @@ def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_
         a, b = torch.tensor(one[col].dropna().values), torch.tensor(two[col].dropna().values)
         assert len(a) == len(b) == 10
         assert torch.allclose(a, b, rtol=1e-3), (col, a, b)
+
