@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.zs_stage import entry_points
 from pipelines.cli import RunContext, check_range
 
 
@@ -67,22 +68,7 @@ def train_one(data, seed: int, cfg: BaselinesConfig, hooks):
     return state, metrics
 
 
-def run(cfg: BaselinesConfig, ctx: RunContext):
-    from pipelines.zs_launch import train_stage
-
-    return train_stage("pipelines.baselines", "baselines", cfg, ctx)
-
-
-def track(out, ctx: RunContext):
-    from pipelines.zs_launch import model_files, stage_metrics
-
-    return stage_metrics(out), model_files(ctx.run_dir, "baselines")
-
-
-def main() -> int:
-    from pipelines.runner import run_stages
-
-    return run_stages("baselines", __doc__)
+run, track, main = entry_points("baselines")
 
 
 if __name__ == "__main__":

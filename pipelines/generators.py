@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.zs_stage import entry_points
 from pipelines.cli import ConfigError, RunContext, check_range
 
 SPLITS = ("random", "compositional", "given")
@@ -95,17 +96,7 @@ def run(cfg: GeneratorsConfig, ctx: RunContext):
     return train_stage("pipelines.generators", "generators", cfg, ctx)
 
 
-def track(out, ctx: RunContext):
-    """Final losses and accuracies per (split, seed); the model files."""
-    from pipelines.zs_launch import model_files, stage_metrics
-
-    return stage_metrics(out), model_files(ctx.run_dir, "generators")
-
-
-def main() -> int:
-    from pipelines.runner import run_stages
-
-    return run_stages("generators", __doc__)
+_, track, main = entry_points("generators")  # run (above) also writes the plan
 
 
 if __name__ == "__main__":

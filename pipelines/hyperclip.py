@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pipelines.zs_stage import entry_points
 from pipelines.cli import RunContext, check_choice, check_range
 
 
@@ -73,22 +74,7 @@ def train_one(data, seed: int, cfg: HyperClipConfig, hooks):
     return state, metrics
 
 
-def run(cfg: HyperClipConfig, ctx: RunContext):
-    from pipelines.zs_launch import train_stage
-
-    return train_stage("pipelines.hyperclip", "hyperclip", cfg, ctx)
-
-
-def track(out, ctx: RunContext):
-    from pipelines.zs_launch import model_files, stage_metrics
-
-    return stage_metrics(out), model_files(ctx.run_dir, "hyperclip")
-
-
-def main() -> int:
-    from pipelines.runner import run_stages
-
-    return run_stages("hyperclip", __doc__)
+run, track, main = entry_points("hyperclip")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pipelines.zs_stage import entry_points
 from pipelines.cli import RunContext, check_choice, check_range
 
 
@@ -58,22 +59,7 @@ def train_one(data, seed: int, cfg: HyperLdmConfig, hooks):
     return state, {}
 
 
-def run(cfg: HyperLdmConfig, ctx: RunContext):
-    from pipelines.zs_launch import train_stage
-
-    return train_stage("pipelines.hyperldm", "hyperldm", cfg, ctx)
-
-
-def track(out, ctx: RunContext):
-    from pipelines.zs_launch import model_files, stage_metrics
-
-    return stage_metrics(out), model_files(ctx.run_dir, "hyperldm")
-
-
-def main() -> int:
-    from pipelines.runner import run_stages
-
-    return run_stages("hyperldm", __doc__)
+run, track, main = entry_points("hyperldm")
 
 
 if __name__ == "__main__":
