@@ -176,8 +176,12 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
     t_img = time.perf_counter()
     img = encode_images_cached(image_enc, paths, cache, progress=ctx.progress)
     t_img = time.perf_counter() - t_img
-    if 0 < cfg.image_dims < img.shape[1]:
+    if 0 < cfg.image_dims < min(img.shape):
         img = fit_projection(img, cfg.image_dims, out / PROJECTION_FILE)
+    else:
+        (out / PROJECTION_FILE).unlink(missing_ok=True)  # a stale one would misproject new task files
+        if 0 < cfg.image_dims < img.shape[1]:  # too few images to estimate that many components
+            ctx.log(f"features: {len(img)} images are fewer than image_dims={cfg.image_dims}; keeping all {img.shape[1]} dims")
     texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
     text_id = {s: i for i, s in enumerate(texts)}
     txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)

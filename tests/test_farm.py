@@ -41,6 +41,10 @@ def farm(run_dir, cfg):
     return feats, run_farm(feats, cfg, WeightStore(run_dir / "store" / "weights"), progress=False, log=lambda m: None)
 
 
+# 128-d projected image features -> 32 -> 384: 128*32 + 32 + 384*32 + 384 weights
+SMOKE_WEIGHTS = 16800
+
+
 def test_farm_trains_every_expert_once(ray_cluster, run_dir_with_features):
     cfg = experts_cfg("shard_size=8", "num_actors=2", "cpus_per_actor=1")
     feats, summary = farm(run_dir_with_features, cfg)
@@ -48,7 +52,7 @@ def test_farm_trains_every_expert_once(ray_cluster, run_dir_with_features):
     keys = list(zip(stored.meta["task_id"], stored.meta["seed"]))
     assert len(keys) == len(set(keys)) == len(feats.tasks) == summary.experts_trained
     assert set(stored.meta["task_id"]) == set(feats.tasks["id"])
-    assert stored.w.shape == (len(feats.tasks), 53664)
+    assert stored.w.shape == (len(feats.tasks), SMOKE_WEIGHTS)
     chance = float((1 / feats.tasks["answers"].map(len)).mean())
     assert stored.meta["support_acc"].mean() > 0.9
     assert stored.meta["query_acc"].mean() > chance + 0.15
@@ -131,7 +135,7 @@ def test_killed_driver_resumes_with_only_missing_shards(smoke_run_dir, tmp_path,
 def test_init_from_file_is_every_experts_start(ray_cluster, run_dir_with_features, tmp_path):
     from safetensors.torch import save_file
 
-    base = torch.randn(53664, generator=torch.Generator().manual_seed(7)) * 0.01
+    base = torch.randn(SMOKE_WEIGHTS, generator=torch.Generator().manual_seed(7)) * 0.01
     path = tmp_path / "base.safetensors"
     save_file({"w": base}, str(path))
     farm(run_dir_with_features, experts_cfg("shard_size=8", f"init_from={path}", "steps=1", "lr=1e-7"))
@@ -147,5 +151,5 @@ def test_bad_init_from_is_one_clear_line(run_dir_with_features, tmp_path):
     r = run_cli("pipelines.experts", "--preset", "smoke", "--run-dir", str(run_dir_with_features),
                 "--no-progress", "--set", f"init_from={path}")
     assert r.returncode == 2, r.stderr[-2000:]
-    assert "init_from" in r.stderr and "(53664,)" in r.stderr and "Traceback" not in r.stderr
+    assert "init_from" in r.stderr and f"({SMOKE_WEIGHTS},)" in r.stderr and "Traceback" not in r.stderr
     assert not (run_dir_with_features / "store" / "weights" / "manifest.json").exists()
