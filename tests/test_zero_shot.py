@@ -87,3 +87,15 @@ def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_
         assert len(a) == len(b) == 10
         assert torch.allclose(a, b, rtol=1e-3), (col, a, b)
 
+
+
+def test_zero_shot_cli_without_a_trained_run_is_one_clear_line(tmp_path):
+    from tests.conftest import run_cli
+
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"id": "a", "description": "is it red?", "answers": ["no", "yes"], "examples": []}\n')
+    r = run_cli("pipelines.zero_shot", "--tasks", str(tasks), "--from", str(tmp_path / "no-run"))
+    assert r.returncode == 2 and "no trained generators" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_cli("pipelines.zero_shot", "--tasks", str(tasks), "--from", str(tmp_path), "--method", "telepathy")
+    assert r.returncode == 2 and "invalid choice: 'telepathy'" in r.stderr
+    assert not (tmp_path / "no-run").exists(), "a failed call must not create the run directory"
