@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.zs_stage import entry_points
-from pipelines.cli import RunContext, check_range
+from pipelines.cli import check_range
 
 
 @dataclass(frozen=True)

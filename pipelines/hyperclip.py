@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from pipelines.zs_stage import entry_points
-from pipelines.cli import RunContext, check_choice, check_range
+from pipelines.cli import check_choice, check_range
 
 
 @dataclass(frozen=True)

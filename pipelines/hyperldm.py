@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipelines.zs_stage import entry_points
-from pipelines.cli import RunContext, check_choice, check_range
+from pipelines.cli import check_choice, check_range
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ) for r, a in zip(rows, acc)])
     store = WeightStore(out / "store" / "weights")
     store.write_shard(f"zero-shot-{args.method}", meta, w.numpy(), {"source_run": str(src), "method": args.method})
-    store.set_info(layout_id=data.layout.id, n_weights=data.layout.size, spec=info_spec(data.layout.spec))
+    store.set_info(layout_id=data.layout.id, n_weights=data.layout.size, spec=asdict(data.layout.spec))
     for r, a, n in zip(rows, acc.tolist(), batch.query_n.tolist()):
         print(f"{r.id}\t{'n/a' if n == 0 else f'{100 * a:.2f}%'}\t{r.description}")
     scored = acc[labelled]
@@ -103,12 +103,6 @@ def main(argv: list[str] | None = None) -> int:
                       "method": args.method, "guidance": args.guidance, "split": split, "seed": seed,
                       "store": str(out / "store" / "weights")}))
     return 0
-
-
-def info_spec(spec) -> dict:
-    from dataclasses import asdict
-
-    return asdict(spec)
 
 
 if __name__ == "__main__":
