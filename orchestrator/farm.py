@@ -18,10 +18,10 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from models.expert_training import evaluate_experts, pad_batch, step_flops, train_experts
+from models.expert_training import evaluate_experts, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 from orchestrator.store import StoreError, WeightStore
-from orchestrator.suite_features import SuiteFeatures
+from orchestrator.suite_features import SuiteFeatures, task_batch
 
 
 @dataclass(frozen=True)
@@ -114,11 +114,7 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dic
     layout = WeightLayout(spec)
     rows = [data.tasks.iloc[i] for i, _ in shard.members]
     feats, text = tensors if tensors is not None else feature_tensors(data)
-    batch = pad_batch(
-        [text[torch.tensor(r.prompt_texts)] for r in rows],
-        [(torch.tensor(r.support_images), torch.tensor(r.support_labels)) for r in rows],
-        [(torch.tensor(r.query_images), torch.tensor(r.query_labels)) for r in rows],
-    )
+    batch = task_batch(rows, text)
     w0 = start_weights(layout, cfg, shard.members, list(data.tasks["id"]))
     gen = torch.Generator().manual_seed(int(shard.shard_id.rsplit("-", 1)[1], 16) ^ cfg.seed)
     out_w, meta = [], []

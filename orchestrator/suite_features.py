@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
+from models.expert_training import ExpertBatch, pad_batch
 from orchestrator.arrow_vectors import to_column, to_matrix
 from orchestrator.atomic import atomic_path, write_json
 
@@ -89,3 +91,12 @@ class SuiteFeatures:
         for col in ("support_images", "support_labels", "query_images", "query_labels", "prompt_texts"):
             tasks[col] = tasks[col].map(lambda a: np.asarray(a, dtype=np.int64))
         return cls(paths, img, texts, txt, tasks, info)
+
+
+def task_batch(rows, text_feats: torch.Tensor) -> ExpertBatch:
+    """Task-table rows (itertuples) as one padded ExpertBatch: answer prompts, support and query sets."""
+    return pad_batch(
+        [text_feats[torch.tensor(r.prompt_texts)] for r in rows],
+        [(torch.tensor(r.support_images), torch.tensor(r.support_labels)) for r in rows],
+        [(torch.tensor(r.query_images), torch.tensor(r.query_labels)) for r in rows],
+    )

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.expert_training import ExpertBatch, pad_batch
 from models.task_net import TaskNetSpec, WeightLayout
 from models.weight_norm import WeightNormalizer
 from models.zs_train import TaskData
@@ -74,19 +73,10 @@ def store_spec(run_dir: Path) -> TaskNetSpec:
     return TaskNetSpec(**spec)
 
 
-def task_batch(feats, rows, X: torch.Tensor, T: torch.Tensor) -> ExpertBatch:
-    """Padded tensors for task rows of the features table."""
-    return pad_batch(
-        [T[torch.tensor(r.prompt_texts)] for r in rows],
-        [(torch.tensor(r.support_images), torch.tensor(r.support_labels)) for r in rows],
-        [(torch.tensor(r.query_images), torch.tensor(r.query_labels)) for r in rows],
-    )
-
-
 def load_split(run_dir: Path, mode: str, feats=None) -> SplitData:
     """Tensors of one split of the run in `run_dir` (features + experts)."""
     from orchestrator.store import WeightStore
-    from orchestrator.suite_features import SuiteFeatures
+    from orchestrator.suite_features import SuiteFeatures, task_batch
 
     feats = feats if feats is not None else SuiteFeatures.load(Path(run_dir) / "features")
     spec = store_spec(run_dir)
@@ -108,8 +98,8 @@ def load_split(run_dir: Path, mode: str, feats=None) -> SplitData:
     desc = lambda rs: T[torch.tensor([int(r.desc_text) for r in rs])]  # noqa: E731
     return SplitData(
         name=mode, run_dir=Path(run_dir), layout=layout,
-        train=TaskData(layout, X, task_batch(feats, tr, X, T), desc(tr)),
-        test=TaskData(layout, X, task_batch(feats, te, X, T), desc(te)),
+        train=TaskData(layout, X, task_batch(tr, T), desc(tr)),
+        test=TaskData(layout, X, task_batch(te, T), desc(te)),
         train_ids=[r.id for r in tr], test_ids=[r.id for r in te], test_descriptions=[r.description for r in te],
         w_train=w_tr, w_test=w_te, norm=WeightNormalizer(layout).fit(w_tr),
     )

@@ -10,7 +10,7 @@ import torch
 
 from models.expert_training import evaluate_experts, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
-from models.zs_train import Hooks, VaeFit, task_accuracy, train_hvae
+from models.zs_train import VaeFit, task_accuracy, train_hvae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -20,7 +20,7 @@ def zs_run_dir(smoke_run_dir, tmp_path_factory):
     """A run directory with the smoke features and one expert per task (trained here, without Ray)."""
     from orchestrator.store import WeightStore
     from orchestrator.suite_features import SuiteFeatures
-    from pipelines.zs_data import task_batch
+    from orchestrator.suite_features import task_batch
 
     run_dir = tmp_path_factory.mktemp("zs") / "run"
     shutil.copytree(smoke_run_dir / "features", run_dir / "features")
@@ -29,7 +29,7 @@ def zs_run_dir(smoke_run_dir, tmp_path_factory):
     layout = WeightLayout(spec)
     X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
     rows = list(feats.tasks.itertuples())
-    b = task_batch(feats, rows, X, T)
+    b = task_batch(rows, T)
     w0 = init_weights(spec, 0).expand(b.n, -1)
     (_, w), = train_experts(layout, X, b, w0, steps=100, lr=1e-3)
     q_acc, _ = evaluate_experts(layout, X, w, b.prompts, b.answer_mask, b.query_idx, b.query_lab, b.query_n)
