@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -24,12 +25,33 @@ class RayInfo:
     start_seconds: float
 
 
+PROBE_SECONDS = 5.0  # how long a cluster address may take to accept a TCP connection
+
+
+def check_reachable(address: str, timeout: float = PROBE_SECONDS) -> None:
+    """Fail within seconds when nothing answers at a cluster address: ray.init retries an unreachable
+    GCS for minutes (measured: still waiting after 5 min on Ray 2.60), which looks like a hang."""
+    if address in ("auto", "local"):
+        return  # found through this machine's session files, no network involved
+    host, _, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    fix = ("start the cluster (`ray start --head --port=PORT` or `ray up cluster.yaml`), correct the address, "
+           "or unset RAY_ADDRESS and drop --address to run on a local Ray")
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.10:6379); {fix}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"no Ray cluster answers at {address!r} ({e.strerror or e}); {fix}") from None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, namespace: str = "weightgen") -> RayInfo:
     """Join `address` (or $RAY_ADDRESS); without one start a local Ray bound to 127.0.0.1 with its dashboard."""
     address = address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():
         return RayInfo(address or "existing", None, float(ray.cluster_resources().get("CPU", 0)), False, 0.0)
     t0 = time.perf_counter()
+    if address:
+        check_reachable(address)
     try:
         if address:
             ctx = ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)

@@ -144,9 +144,19 @@ class WeightStore:
         shards = self.completed_shards()
         if not shards:
             raise StoreError(f"no weights in {self.root}: run `python -m pipelines.experts` first")
-        cols = [c for c in META_COLUMNS]
-        meta = pd.concat([pq.read_table(self.root / f"{s}.parquet", columns=cols).to_pandas() for s in shards])
+        meta = pd.concat([self._read_table(s, columns=META_COLUMNS).to_pandas() for s in shards])
         return meta[meta["final"]].reset_index(drop=True) if final_only else meta.reset_index(drop=True)
+
+    def _read_table(self, shard_id: str, **kw) -> pa.Table:
+        """One shard's table; a truncated or garbled file is a StoreError naming it and the fix."""
+        path = self.root / f"{shard_id}.parquet"
+        try:
+            return pq.read_table(path, **kw)
+        except Exception as e:
+            raise StoreError(
+                f"shard {path} is unreadable ({e}); rerun `python -m pipelines.experts` with the same "
+                "run directory to retrain it"
+            ) from e
 
     def read(
         self,
@@ -177,13 +187,7 @@ class WeightStore:
                     f"shard {path} is missing or does not match its manifest sha256 (corrupted or replaced); "
                     "rerun `python -m pipelines.experts` with the same run directory to retrain it"
                 )
-            try:
-                t = pq.read_table(path, filters=filters or None)
-            except Exception as e:
-                raise StoreError(
-                    f"shard {path} is unreadable ({e}); rerun `python -m pipelines.experts` with the same "
-                    "run directory to retrain it"
-                ) from e
+            t = self._read_table(sid, filters=filters or None)
             w = to_matrix(t.column("w"))  # converted once: checked here, returned below
             bad = _bad_rows(w, t.column("checksum").to_pylist(), path.name)
             if bad:

@@ -145,14 +145,19 @@ def apply_projection(img: np.ndarray, path: Path) -> np.ndarray:
 def run(cfg: FeaturesConfig, ctx: RunContext):
     """Build (or reuse) `<run_dir>/features` for this config; returns the SuiteFeatures."""
     from orchestrator.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
-    from orchestrator.suite_features import SuiteFeatures
+    from orchestrator.suite_features import FeaturesError, SuiteFeatures
 
     out = ctx.run_dir / "features"
     chash = features_hash(cfg)
     reuse = (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash
     if reuse and not cfg.export_tasks:
-        ctx.log(f"features: reusing {out} (same config)")
-        return SuiteFeatures.load(out)
+        try:
+            feats = SuiteFeatures.load(out)
+            ctx.log(f"features: reusing {out} (same config)")
+            return feats
+        except FeaturesError as e:  # e.g. a truncated Parquet file: derived data, so rebuild (the encoder cache makes it cheap)
+            ctx.log(f"features: {out} is unreadable ({e.__cause__}); rebuilding it")
+            reuse = False
     t0 = time.perf_counter()
     suite = load_tasks(cfg)
     if cfg.export_tasks:
