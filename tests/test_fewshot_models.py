@@ -169,6 +169,35 @@ def test_hypertransformer_ignores_padding(data):
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["hypermaml", "hypertransformer"])
+def test_hypernetworks_train_the_head_on_a_frozen_pretrained_extractor(data, method):
+    pool, feats, batch = data
+    hp = T.MethodParams(pretrain_steps=5)
+    model = T.build(method, SPEC, hp, seed=0)
+    T.prepare(model, pool, feats, hp, seed=0)
+    n1 = model.layout.offsets["fc1.bias"][1]
+    before = model.w0.detach().clone()
+    assert not torch.equal(before, init_weights(SPEC, 0)), "w0 starts at the multitask network"
+    T.set_progress(model, 10, 10, hp)
+    for _ in range(3):
+        one_step(model, batch)
+    assert torch.equal(model.w0.detach()[:n1], before[:n1]), "fc1 (the extractor) never moves"
+    assert not torch.equal(model.w0.detach()[n1:], before[n1:])
+
+
+def test_hypertransformer_rotates_only_its_view_and_only_in_training(data):
+    _, _, batch = data
+    model = HyperTransformer(SPEC, d_model=16)
+    with torch.no_grad():
+        model.gain.zero_()  # only the prototype rows, built from the real features
+        a, b = model.adapt(batch), model.adapt(batch)
+        torch.testing.assert_close(a, b)
+        model.gain.fill_(0.3)
+        assert not torch.allclose(model.adapt(batch), model.adapt(batch)), "a random basis per call in training"
+        model.eval()
+        torch.testing.assert_close(model.adapt(batch), model.adapt(batch))
+
+
 # ----------------------------------------------------------------------------- MetaDiff
 
 

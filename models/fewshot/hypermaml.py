@@ -2,21 +2,23 @@
 
 The task weights are θ' = θ − Δθ, where Δθ is produced by a hypernetwork from the support set instead
 of by gradient descent (§4). As in the paper's main variant, only the classifier head is updated:
-here the adapter's last layer, fc2 (weight and bias); fc1 is meta-learned and shared, like the
-paper's feature extractor. The hypernetwork's input per support example is the paper's "enhanced
-embedding": the example's embedding (the adapter's hidden activation relu(fc1 x)) ⊕ the softmax of
-the current classifier (the universal weights θ) ⊕ the one-hot label, aggregated per class.
+here the adapter's last layer, fc2 (weight and bias), on top of a frozen extractor fc1 pretrained on
+all meta-train tasks (`set_extractor`; see models.fewshot.support for why it is not meta-learned
+here). The hypernetwork's input per support example is the paper's "enhanced embedding": the
+example's embedding (the hidden features h = relu(fc1 x)) ⊕ the softmax of the current classifier
+(the universal weights θ) ⊕ the one-hot label.
 
 Adaptations to this task network, which the paper's N-way classifier does not have:
 - The number of candidate answers varies (2, 3 or 8) and classes may have different shot counts, so
-  instead of concatenating the support examples in class order (a fixed N·K input), the enhanced
-  embeddings are averaged per class and the classes are processed as a set (a shared per-class MLP,
-  a pooled context, DeepSets-style). Softmax and one-hot vectors are padded to `max_answers`.
-- A class's classifier weights here are its answer-prompt embedding, which changes from task to
-  task (the paper's head rows are universal, so its hypernetwork knows them implicitly); so each
-  class token also carries its normalised prompt.
-- fc2 is not per-class: each class token emits a rank-1 update u_c v_cᵀ of fc2.weight [d_txt, hidden]
-  plus a bias update b_c; Δθ sums them over the classes that have support examples.
+  instead of concatenating the support examples in class order (a fixed N·K input), the examples
+  are a set (a shared per-example MLP and a pooled context, DeepSets-style); softmax and one-hot
+  vectors are padded to `max_answers`.
+- Output: a coefficient pair (a_ic, b_ic) per support example i and class c, and the head update
+  Δr_c = Σ_i a_ic h_i / n, Δβ_c = Σ_i b_ic / n: the form of the head's own gradient, Σ_i (p_ic − y_ic)
+  h_i / n, with learned coefficients; class rows map to fc2 through the answers' prompts
+  (`support.head_update`), since a class's classifier here is its answer's text embedding.
+- During meta-training the hypernetwork sees h in a random orthonormal basis per episode (the
+  update itself is built from the real h), so it cannot learn the meta-train concepts' directions.
 
 Warm-up (paper §4.3): training starts from MAML's update (on the same head, `warmup_steps` steps of
 `warmup_lr`) and blends linearly into the hypernetwork's: θ' = (1 − β) θ'_MAML + β (θ − Δθ), with β
@@ -33,32 +35,35 @@ from torch import nn
 from models.fewshot.episodes import EpisodeBatch, batch_accuracy, task_logits
 from models.fewshot.maml import adapt as maml_adapt
 from models.fewshot.maml import query_loss
+from models.fewshot.support import frozen_base, head_update, hidden_features, random_rotation
 from models.hnet import mlp
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 
 
-class ClassUpdateNet(nn.Module):
-    """Per-class enhanced embeddings [B, a, d_in] -> (ΔW [B, d_txt, hidden], Δb [B, d_txt])."""
+class CoefficientNet(nn.Module):
+    """Enhanced embeddings -> per-(example, class) coefficients (a_ic, b_ic) of the head update.
 
-    def __init__(self, d_in: int, spec: TaskNetSpec, width: int = 256, init_scale: float = 1.0):
+    Each example's enhanced embedding goes through a shared MLP; a pooled context (DeepSets) joins
+    it, and for every candidate class c the pair (example i, class c) also sees p_ic and y_ic (the
+    two numbers a gradient step would combine), so the net is the same for 2, 3 or 8 answers.
+    """
+
+    def __init__(self, d_in: int, width: int = 128):
         super().__init__()
-        self.spec = spec
-        self.token = mlp([d_in, width, width])  # each class on its own
-        self.out = mlp([2 * width, width, 2 * spec.d_txt + spec.hidden])  # class ⊕ pooled context -> u, b, v
-        with torch.no_grad():  # a small update at init: training starts near the MAML/θ solution
-            self.out[-1].weight.mul_(init_scale)
-            self.out[-1].bias.zero_()
+        self.token = mlp([d_in, width, width])
+        self.pair = mlp([2 * width + 2, width, 2])
+        with torch.no_grad():  # zero update at init: training starts at the MAML warm-up / θ
+            self.pair[-1].weight.zero_()
+            self.pair[-1].bias.zero_()
 
-    def forward(self, tokens: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [B, a, d_in]; present [B, a] bool (class has support examples) -> (ΔW, Δb)."""
-        s = self.spec
-        h = F.relu(self.token(tokens))  # [B, a, width]
-        pm = present.to(h.dtype)[..., None]  # [B, a, 1]
-        ctx = (h * pm).sum(1, keepdim=True) / pm.sum(1, keepdim=True).clamp_min(1.0)  # [B, 1, width]
-        o = self.out(torch.cat([h, ctx.expand_as(h)], -1)) * pm  # [B, a, 2 d_txt + hidden]; absent classes -> 0
-        u, b, v = o.split([s.d_txt, s.d_txt, s.hidden], dim=-1)
-        dW = torch.einsum("bcd,bch->bdh", u, v)  # sum of rank-1 updates u_c v_cᵀ: [B, d_txt, hidden]
-        return dW, b.sum(1)  # [B, d_txt]
+    def forward(self, enh: torch.Tensor, probs: torch.Tensor, onehot: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """enh [B, n, d_in], probs/onehot [B, n, a], m [B, n] bool -> coefficients [B, n, a, 2] (0 on padding rows)."""
+        z = F.relu(self.token(enh))  # [B, n, width]
+        mf = m.to(z.dtype)[..., None]
+        ctx = (z * mf).sum(1, keepdim=True) / mf.sum(1, keepdim=True).clamp_min(1.0)  # [B, 1, width]
+        a = probs.shape[-1]
+        zc = torch.cat([z, ctx.expand_as(z)], -1)[:, :, None].expand(-1, -1, a, -1)  # [B, n, a, 2 width]
+        return self.pair(torch.cat([zc, probs[..., None], onehot[..., None]], -1)) * mf[..., None]
 
 
 class HyperMAML(nn.Module):
@@ -66,46 +71,58 @@ class HyperMAML(nn.Module):
 
     def __init__(
         self, spec: TaskNetSpec, max_answers: int = 8, warmup_steps: int = 5, warmup_lr: float = 0.01,
-        first_order: bool = False, width: int = 256, seed: int = 0,
+        first_order: bool = False, width: int = 128, rotate: bool = True, seed: int = 0,
     ):
         super().__init__()
         self.layout = WeightLayout(spec)
-        self.max_answers = max_answers
+        self.max_answers, self.rotate = max_answers, rotate
         self.warmup_steps, self.warmup_lr, self.first_order = warmup_steps, warmup_lr, first_order
         self.w0 = nn.Parameter(init_weights(spec, seed))  # θ [P]
-        self.hyper = ClassUpdateNet(spec.hidden + 2 * max_answers + spec.d_txt, spec, width)
+        self.frozen_extractor = False  # set by `set_extractor`: fc1 of θ then gets no gradient
+        self.hyper = CoefficientNet(spec.hidden + 2 * max_answers, width)
         # β: 0 = pure MAML warm-up update, 1 = pure hypernetwork update; set by the training loop.
         self.register_buffer("blend", torch.tensor(1.0))
 
-    def enhanced_embeddings(self, batch: EpisodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class mean of [relu(fc1 x) ⊕ softmax_θ ⊕ one-hot] ⊕ class prompt -> ([B, a, d_in], present [B, a])."""
+    @torch.no_grad()
+    def set_extractor(self, w: torch.Tensor) -> None:
+        """Start θ at pretrained weights w [P] and freeze their fc1 (the shared extractor)."""
+        self.w0.copy_(w)
+        self.frozen_extractor = True
+
+    def base(self) -> torch.Tensor:
+        """θ [P], with fc1 detached once the extractor is frozen."""
+        return frozen_base(self.w0, self.layout, self.frozen_extractor)
+
+    def update(self, batch: EpisodeBatch, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Δθ of the head from the enhanced embeddings [h ⊕ softmax_θ ⊕ one-hot]: (ΔW [B, d_txt, hidden], Δb [B, d_txt])."""
         A = self.max_answers
         a = batch.prompts.shape[1]
         if a > A:
             raise ValueError(f"an episode has {a} candidate answers; HyperMAML was built for at most {A}")
-        p = self.layout.unflatten(self.w0)
-        emb = F.relu(F.linear(batch.x_s, p["fc1.weight"], p["fc1.bias"]))  # [B, n_s, hidden]
-        logits = torch.func.vmap(lambda x, pr, am: task_logits(self.layout, self.w0, x, pr, am))(
+        h = hidden_features(self.layout, w0, batch.x_s)  # [B, n_s, hidden]
+        logits = torch.func.vmap(lambda x, pr, am: task_logits(self.layout, w0, x, pr, am))(
             batch.x_s, batch.prompts, batch.answer_mask)  # [B, n_s, a]
-        probs = F.pad(logits.softmax(-1), (0, A - a))  # [B, n_s, A]
-        onehot = F.one_hot(batch.y_s, A).to(emb.dtype)  # [B, n_s, A]
-        enh = torch.cat([emb, probs, onehot], -1) * batch.m_s[..., None]  # padding rows -> 0
-        member = F.one_hot(batch.y_s, a).to(emb.dtype) * batch.m_s[..., None]  # [B, n_s, a]
-        count = member.sum(1)  # [B, a] shots per class
-        per_class = torch.einsum("bnc,bnd->bcd", member, enh) / count.clamp_min(1.0)[..., None]  # [B, a, d]
-        prompts = F.normalize(batch.prompts, dim=-1)  # [B, a, d_txt]
-        return torch.cat([per_class, prompts], -1), (count > 0) & batch.answer_mask
+        probs = logits.softmax(-1)
+        onehot = F.one_hot(batch.y_s, a).to(h.dtype)  # [B, n_s, a]
+        view = random_rotation(h) if self.training and self.rotate else h  # the hypernetwork's view only
+        enh = torch.cat([view, F.pad(probs, (0, A - a)), F.pad(onehot, (0, A - a))], -1)  # [B, n_s, d_in]
+        coef = self.hyper(enh, probs, onehot, batch.m_s)  # [B, n_s, a, 2]
+        n = batch.m_s.sum(1).clamp_min(1)[:, None, None]  # [B, 1, 1]
+        rows = torch.einsum("bnc,bnh->bch", coef[..., 0], h) / n  # Σ_i a_ic h_i / n: in the span of the support
+        amask = batch.answer_mask.to(h.dtype)
+        return head_update(batch.prompts, rows * amask[..., None], coef[..., 1].sum(1) / n[..., 0] * amask)
 
     def hyper_weights(self, batch: EpisodeBatch) -> torch.Tensor:
         """θ − Δθ for each episode [B, P]: Δθ is zero outside fc2."""
-        dW, db = self.hyper(*self.enhanced_embeddings(batch))
+        w0 = self.base()
+        dW, db = self.update(batch, w0)
         B = len(batch)
-        p = {k: v.expand(B, *v.shape) for k, v in self.layout.unflatten(self.w0).items()}
+        p = {k: v.expand(B, *v.shape) for k, v in self.layout.unflatten(w0).items()}
         return self.layout.flatten({**p, "fc2.weight": p["fc2.weight"] - dW, "fc2.bias": p["fc2.bias"] - db})
 
     def maml_weights(self, batch: EpisodeBatch) -> torch.Tensor:
         """The warm-up update: MAML on the head (fc2) from θ [B, P]."""
-        return maml_adapt(self.layout, self.w0, batch, self.warmup_steps, self.warmup_lr, self.first_order, "last")
+        return maml_adapt(self.layout, self.base(), batch, self.warmup_steps, self.warmup_lr, self.first_order, "last")
 
     def adapt(self, batch: EpisodeBatch) -> torch.Tensor:
         """θ' = lerp(θ'_MAML, θ − Δθ, β) [B, P]; β = 0 returns MAML's weights bit for bit, β = 1 skips MAML."""

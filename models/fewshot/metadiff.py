@@ -28,6 +28,7 @@ from torch import nn
 from models.denoiser import SinusoidalEmbedding
 from models.diffusion import Diffusion
 from models.fewshot.episodes import Episode, EpisodeBatch, TaskPool, batch_accuracy, collate, task_loss
+from models.fewshot.support import hidden_features
 from models.hnet import mlp
 from models.task_net import TaskNetSpec, WeightLayout
 
@@ -50,12 +51,6 @@ def head_params(layout: WeightLayout, v: torch.Tensor) -> dict[str, torch.Tensor
         "fc1.weight": torch.eye(s.hidden, dtype=v.dtype), "fc1.bias": torch.zeros(s.hidden, dtype=v.dtype),
         "fc2.weight": v[:a].reshape(s.d_txt, s.hidden), "fc2.bias": v[a:],
     }
-
-
-def hidden_features(layout: WeightLayout, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """relu(fc1 x) of weights w [P] for x [..., d_img] -> [..., hidden]."""
-    p = layout.unflatten(w)
-    return F.relu(F.linear(x, p["fc1.weight"], p["fc1.bias"]))
 
 
 def head_loss(layout: WeightLayout, v: torch.Tensor, h, y, m, prompts, amask) -> torch.Tensor:

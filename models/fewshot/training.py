@@ -33,9 +33,10 @@ class MethodParams:
     hypermaml_warmup_lr: float = 0.01  # HyperMAML's warm-up learning rate (paper: 0.01)
     hypermaml_warmup_fraction: float = 0.2  # share of training over which β goes 0 -> 1
     ht_layers: str = "last"  # HyperTransformer generates the last layer or all layers
+    rotate_views: bool = True  # HyperMAML/HyperTransformer see h in a random basis per meta-training episode
     ht_init_gain: float = 0.3  # HyperTransformer's initial output gain (scale of its generated residual)
     metadiff_width: int = 128  # MetaDiff denoiser width
-    metadiff_pretrain_steps: int = 300  # multitask pretraining of fc1 (MetaDiff's frozen extractor)
+    pretrain_steps: int = 300  # multitask pretraining of the frozen extractor fc1 (MetaDiff, HyperMAML, HyperTransformer)
     metadiff_target_steps: int = 100  # Adam steps of each task's target fc2
     max_answers: int = 8  # candidate answers the hypernetworks are built for
 
@@ -50,21 +51,28 @@ def build(method: str, spec: TaskNetSpec, hp: MethodParams, seed: int) -> nn.Mod
     if method in ("maml", "fomaml"):
         return MAML(spec, hp.inner_steps, hp.inner_lr, first_order=method == "fomaml", seed=seed)
     if method == "hypermaml":
-        return HyperMAML(spec, hp.max_answers, hp.hypermaml_warmup_steps, hp.hypermaml_warmup_lr, seed=seed)
+        return HyperMAML(spec, hp.max_answers, hp.hypermaml_warmup_steps, hp.hypermaml_warmup_lr,
+                         rotate=hp.rotate_views, seed=seed)
     if method == "hypertransformer":
-        return HyperTransformer(spec, hp.ht_layers, max_answers=hp.max_answers, init_gain=hp.ht_init_gain, seed=seed)
+        return HyperTransformer(spec, hp.ht_layers, max_answers=hp.max_answers, init_gain=hp.ht_init_gain,
+                                rotate=hp.rotate_views, seed=seed)
     if method == "metadiff":
         return MetaDiff(spec, steps=hp.inner_steps, width=hp.metadiff_width)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
 def prepare(model: nn.Module, pool: TaskPool, image_feats: torch.Tensor, hp: MethodParams, seed: int) -> None:
-    """Pre-meta-training work: MetaDiff's multitask extractor and per-task targets; nothing for the others."""
+    """Pre-meta-training work: the multitask extractor (fc1) of MetaDiff, HyperMAML and HyperTransformer,
+    and MetaDiff's per-task targets; nothing for MAML."""
+    if not isinstance(model, (MetaDiff, HyperMAML, HyperTransformer)):
+        return
+    layout = model.layout
+    rng = np.random.default_rng(seed)
+    w_base = fit_multitask(layout, init_weights(layout.spec, seed), pool, image_feats, hp.pretrain_steps, rng=rng)
     if isinstance(model, MetaDiff):
-        layout = model.layout
-        rng = np.random.default_rng(seed)
-        w_base = fit_multitask(layout, init_weights(layout.spec, seed), pool, image_feats, hp.metadiff_pretrain_steps, rng=rng)
         model.prepare(w_base, fit_targets(layout, w_base, pool, image_feats, hp.metadiff_target_steps, rng=rng))
+    else:
+        model.set_extractor(w_base)
 
 
 def set_progress(model: nn.Module, step: int, total: int, hp: MethodParams) -> None:
