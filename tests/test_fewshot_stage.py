@@ -1,4 +1,4 @@
-"""The few-shot stage on a real local Ray: smoke preset on the smoke features, results files, resume."""
+"""The few-shot stage: its splits, and on a real local Ray the smoke preset on the smoke features (results files, resume)."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,7 @@ import pandas as pd
 import pytest
 
 from pipelines import fewshot
-from pipelines.cli import RunContext, build_config
-
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+from pipelines.cli import ConfigError, RunContext, build_config
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +20,25 @@ def ray_cluster():
     shutdown(info)
 
 
-def test_smoke_preset_writes_a_valid_table_and_resumes(ray_cluster, run_dir_with_features):
+def test_splits_are_checked_and_recomputed_from_the_features(run_dir_with_features):
+    from orchestrator.suite_features import SuiteFeatures
+
+    with pytest.raises(ConfigError, match="splits"):
+        fewshot.FewShotConfig(splits=("diagonal",))
+    feats = SuiteFeatures.load(run_dir_with_features / "features")
+    given, random = fewshot.split_pools(feats, "given"), fewshot.split_pools(feats, "random")
+    assert fewshot.split_label(feats, "given") == "random"  # the smoke features' own split mode
+    assert given["test_ids"] == random["test_ids"] and len(given["meta_test"]) == len(given["test_ids"]) > 0
+    assert not set(given["test_ids"]) & set(feats.tasks[feats.tasks["split"] == "meta_train"]["id"])
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_smoke_preset_writes_a_valid_table_and_resumes(ray_cluster, run_dir_with_features, capsys):
     cfg = build_config(fewshot.FewShotConfig, fewshot.PRESETS, "smoke", [])
     ctx = RunContext(run_dir=run_dir_with_features, progress=False)
     out = fewshot.run(cfg, ctx)
+    assert "fine-tuning rows skipped" in capsys.readouterr().err  # no zero-shot models in this run: said, not failed
 
     results = run_dir_with_features / "results"
     csv = pd.read_csv(results / "few_shot.csv")
@@ -45,7 +58,7 @@ def test_smoke_preset_writes_a_valid_table_and_resumes(ray_cluster, run_dir_with
 
     metrics, artifacts = fewshot.track(out, ctx)
     assert set(artifacts) == {results / "few_shot.csv", results / "few_shot.md", results / "few_shot.png"}
-    assert all(f"{m}_{k}shot_acc" in metrics for m in cfg.methods for k in cfg.shots)
+    assert all(f"random_{m}_{k}shot_acc" in metrics for m in cfg.methods for k in cfg.shots)
 
     # The same config for one method again: its results come back from the checkpoint, nothing retrains.
     again = fewshot.run(build_config(fewshot.FewShotConfig, fewshot.PRESETS, "smoke", ["methods=maml"]), ctx)
