@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -152,6 +152,7 @@ class FarmWorker:
 
     def train(self, shard: ShardSpec) -> dict:
         out = train_shard(self.data, shard, self.cfg, self.tensors)
+        out["node"] = ray.get_runtime_context().get_node_id()  # so the driver can say which nodes did the work
         self.done.inc(len(shard.members))
         self.rate.set(len(shard.members) / out["seconds"])
         self.secs.observe(out["seconds"])
@@ -169,6 +170,7 @@ class FarmSummary:
     seconds: float
     train_seconds: float
     flops: float
+    nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> experts trained there
 
     @property
     def gflops(self) -> float:
@@ -176,19 +178,28 @@ class FarmSummary:
 
 
 MAX_SHARD_ATTEMPTS = 3
+PLACEMENT_TIMEOUT_S = 300.0  # how long the farm waits for a replacement actor when no live actor is left
+# What a lost actor or node looks like from the driver; a shard that hit one is trained again elsewhere.
+LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+        ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)
 
 
-def _alive(worker) -> bool:
-    """Whether an actor still answers (a killed one raises at once)."""
+def _alive(worker, timeout: float = 30) -> bool:
+    """Whether an actor still answers (a killed one, or one on a dead node, raises at once)."""
     try:
-        ray.get(worker.__ray_ready__.remote(), timeout=30)
+        ray.get(worker.__ray_ready__.remote(), timeout=timeout)
         return True
     except Exception:
         return False
 
 
 def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True, log=print) -> FarmSummary:
-    """Train every (task, seed) expert not yet intact in the store, shard by shard, on Ray actors."""
+    """Train every (task, seed) expert not yet intact in the store, shard by shard, on Ray actors.
+
+    Faults: a shard whose actor (or node) dies goes back to the queue for any live actor; the dead
+    actor is replaced, and the replacement gets work only once it is running, so a node that never
+    comes back cannot strand a shard. Only the driver writes the store, one whole shard at a time.
+    """
     chash = config_hash(cfg, data.info.get("config_hash", ""))
     layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
     old = store.manifest()
@@ -228,34 +239,62 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
 
     workers = [new_worker(i) for i in range(n_actors)]
     queue = list(reversed(todo))
-    pending: dict = {}  # ref -> (actor slot, shard)
+    pending: dict = {}  # train ref -> (actor slot, the actor, shard)
+    starting: dict = {}  # ready probe of a replacement actor -> actor slot
     attempts: dict[str, int] = {}
 
     def submit(i: int) -> None:
         if queue:
             shard = queue.pop()
-            pending[workers[i].train.remote(shard)] = (i, shard)
+            pending[workers[i].train.remote(shard)] = (i, workers[i], shard)
+
+    def replace(i: int) -> None:
+        ray.kill(workers[i])  # make sure it is gone (it may be half dead, e.g. unreachable)
+        generation[i] += 1
+        workers[i] = new_worker(i)
+        starting[workers[i].__ray_ready__.remote()] = i
 
     for i in range(n_actors):  # two shards in flight per actor: the next one is ready when one finishes
         submit(i)
         submit(i)
     bar = tqdm(total=sum(len(s.members) for s in todo), unit="expert", desc="expert farm", disable=not progress, smoothing=0.1)
     try:
-        while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            i, shard = pending.pop(ref)
+        while pending or (queue and starting):
+            # with no shard in flight, only replacements are left to wait for: bound that wait
+            done, _ = ray.wait(list(pending) + list(starting), num_returns=1,
+                               timeout=None if pending else PLACEMENT_TIMEOUT_S)
+            if not done:
+                raise FarmError(
+                    f"no farm actor could be placed for {PLACEMENT_TIMEOUT_S:.0f}s after losing the others; "
+                    "check `ray status` for nodes with free CPUs (or lower experts.cpus_per_actor), then rerun: "
+                    "finished shards are kept"
+                )
+            ref = done[0]
+            if ref in starting:
+                i = starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except LOST:
+                    replace(i)  # died while starting (e.g. its node went too); the queue waits for it or others
+                    continue
+                submit(i)
+                submit(i)
+                continue
+            i, actor, shard = pending.pop(ref)
             try:
                 out = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
+            except LOST as e:
                 attempts[shard.shard_id] = attempts.get(shard.shard_id, 0) + 1
                 if attempts[shard.shard_id] > MAX_SHARD_ATTEMPTS:
                     raise RuntimeError(f"shard {shard.shard_id} failed {MAX_SHARD_ATTEMPTS} times; last error: {e}") from e
-                log(f"farm: actor slot {i} died on {shard.shard_id} ({type(e).__name__}); replacing it and retrying")
-                queue.append(shard)
-                if not _alive(workers[i]):
-                    generation[i] += 1
-                    workers[i] = new_worker(i)
-                submit(i)
+                queue.append(shard)  # any live actor takes it next
+                if workers[i] is actor and not _alive(actor):
+                    log(f"farm: actor slot {i} died on {shard.shard_id} ({type(e).__name__}); replacing it, the shard goes back to the queue")
+                    replace(i)
+                else:
+                    log(f"farm: {shard.shard_id} lost ({type(e).__name__}); back in the queue")
+                    if workers[i] is actor:
+                        submit(i)
                 continue
             store.write_shard(out["shard_id"], pd.DataFrame(out["meta"]).assign(config_hash=chash), out["w"], {"seconds": out["seconds"]})
             n = len({(m["task_id"], m["seed"]) for m in out["meta"]})
@@ -263,8 +302,10 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             summary.shards_trained += 1
             summary.train_seconds += out["seconds"]
             summary.flops += out["flops"]
+            summary.nodes[out["node"]] = summary.nodes.get(out["node"], 0) + n
             bar.update(n)
-            submit(i)
+            if workers[i] is actor:
+                submit(i)
     finally:
         bar.close()
         for w in workers:
