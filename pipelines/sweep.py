@@ -1,0 +1,155 @@
+"""Stage `sweep`: Ray Tune trials over guidance scale, sampler, HyperCLIP guidance, seeds, baselines and training settings.
+
+    python -m pipelines.sweep --run-dir runs/default                       # the default γ sweep
+    python -m pipelines.sweep --run-dir runs/default --spec sweeps/gamma.yaml --set guidance_scale=0,1,4
+    python -m pipelines.sweep --run-dir runs/default --resume              # continue an interrupted sweep
+
+Each trial is one (method, split, seed, setting). Sampling settings reuse the run's trained models;
+`train.<stage>.<field>` settings train their own (a TorchTrainer inside the trial). Every trial is
+scored on the validation tasks (meta-train tasks held out of training) and on meta-test; the setting
+of each method is chosen on validation. Writes `<run_dir>/sweeps/<name>/results.{csv,md}`, `chosen.csv`
+and `curve.png`; MLflow gets one parent run per sweep and one child run per trial, tagged `method`,
+`split`, `seed`, `guidance_scale`, `sweep`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.cli import ConfigError, RunContext
+from pipelines.sweep_spec import SweepConfig, make_config  # noqa: F401  (the runner builds configs with make_config)
+
+CONFIG = SweepConfig
+NEEDS_RAY = True
+PRESETS = {"smoke": dict(params={"guidance_scale": [0.0, 1.0], "guidance_steps": [5], "sampler_steps": [5]}), "default": dict()}
+SWEEPS = "sweeps"
+
+
+@dataclass
+class SweepOutput:
+    """What a sweep left: every trial's row, the chosen settings, written files, the MLflow parent run."""
+
+    table: object  # pandas DataFrame, one row per trial
+    chosen: object  # pandas DataFrame, one row per (split, method)
+    paths: list[Path]
+    parent_id: str
+    reused: int  # trials answered from an earlier run of this sweep
+
+
+def plan_scope(cfg: SweepConfig, run_dir: Path) -> tuple[list[str], list[int]]:
+    """The splits and seeds to sweep: the config's, each checked against the run's trained plan."""
+    from pipelines.zs_data import read_plan, read_val_fraction
+
+    splits, seeds = read_plan(run_dir)
+    for name, want, have in (("splits", cfg.splits, splits), ("seeds", cfg.seeds, seeds)):
+        missing = [v for v in want if v not in have]
+        if missing:
+            raise ConfigError(f"{name}={missing} has no trained models in {run_dir} (trained: {have}); "
+                              f"sweep a subset of those or retrain with --set generators.{name}=...")
+    if read_val_fraction(run_dir) <= 0:
+        raise ConfigError(f"the models in {run_dir} were trained without a validation split (generators.val_fraction=0), "
+                          "so no setting can be chosen without peeking at meta-test; retrain with generators.val_fraction>0")
+    return list(cfg.splits or splits), list(cfg.seeds or seeds)
+
+
+def log_trial_fn(trials_log, name: str):
+    """Driver-side callback: one MLflow child run per finished trial."""
+    from pipelines.sweep_trial import trial_fields
+
+    def log(trial: dict, result: dict) -> None:
+        metrics = {k: result[k] for k in ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_seconds") if k in result}
+        tags = {"method": trial["method"], "split": trial["split"], "seed": str(trial["seed"]), "sweep": name}
+        if "guidance_scale" in trial["params"]:
+            tags["guidance_scale"] = f"{trial['params']['guidance_scale']:g}"
+        trials_log.log(trial, metrics, trial_fields(trial), tags)
+
+    return log
+
+
+def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
+    """Expand the spec, start or resume the Tune experiment, log trials, choose settings on validation."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from orchestrator.sweep import MlflowTrials, concurrency, read_state, run_trials, write_state
+    from pipelines import sweep_results
+    from pipelines.sweep_spec import expand, spec_hash
+    from pipelines.sweep_trial import DONE, run_trial, trial_fields
+
+    splits, seeds = plan_scope(cfg, ctx.run_dir)
+    sweep_dir = ctx.run_dir / SWEEPS / cfg.name
+    trials = expand(cfg, splits, seeds)
+    for t in trials:
+        t.update(run_dir=str(ctx.run_dir.resolve()), sweep_dir=str(sweep_dir.resolve()), threads=max(1, int(cfg.cpus_per_trial)))
+    digest, state = spec_hash(trials), read_state(sweep_dir)
+    done = {p.stem for p in (sweep_dir / DONE).glob("*.json")}
+    finished = all(t["key"] in done for t in trials)
+    if state is not None and state["spec_hash"] != digest:
+        raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was made with another spec ({state['trials']} trials); "
+                          "pick a new name with --set name=NEW, or move that folder away")
+    if state is None and cfg.resume:
+        raise ConfigError(f"there is no sweep {cfg.name!r} in {sweep_dir.parent} to resume; run without --resume")
+    if state is not None and not finished and not cfg.resume:
+        raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was interrupted with {len(done & {t['key'] for t in trials})} of "
+                          f"{len(trials)} trials done: rerun with --resume to continue it (`make run ARGS=--resume` for the pipeline)")
+    if state is None:
+        state = {"spec_hash": digest, "trials": len(trials), "mlflow_parent": mlflow.active_run().info.run_id, "name": cfg.name}
+        write_state(sweep_dir, state)
+    if state["mlflow_parent"] != mlflow.active_run().info.run_id:
+        mlflow.set_tag("sweep_parent_run", state["mlflow_parent"])  # the run that holds this sweep's trials
+    trials_log = MlflowTrials(ctx.tracker.uri, ctx.tracker.experiment_id, state["mlflow_parent"])
+    log = log_trial_fn(trials_log, cfg.name)
+    if finished:
+        ctx.log(f"sweep {cfg.name}: all {len(trials)} trials already done in {sweep_dir}; reusing them")
+        rows = [{**t, **json.loads((sweep_dir / DONE / f"{t['key']}.json").read_text()), "reused": 1} for t in trials]
+    else:
+        n_train = sum(bool(t["train"]) for t in trials)
+        workers = cfg.max_concurrent or concurrency(cfg.cpus_per_trial)
+        ctx.log(f"sweep {cfg.name}: {len(trials)} trials ({n_train} train their own models), {workers} at a time, "
+                f"{len(done & {t['key'] for t in trials})} already done; Tune experiment in {sweep_dir / 'tune'}")
+        rows = run_trials(run_trial, trials, sweep_dir=sweep_dir, max_concurrent=workers, cpus_per_trial=cfg.cpus_per_trial,
+                          resume=cfg.resume, log_trial=log, done_before=len(done), progress=ctx.progress)
+    for r in rows:  # a trial whose child run a killed driver never wrote gets it now (each exactly once)
+        log(r, r)
+    if state["mlflow_parent"] != mlflow.active_run().info.run_id:
+        trials_log.finish_parent()
+    table = pd.DataFrame([{**trial_fields(r), "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
+                           "n_val": r["n_val"], "n_test": r["n_test"], "key": r["key"]} for r in rows])
+    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name)
+    for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
+        ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
+                f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'])} %")
+    return SweepOutput(table, chosen, paths, state["mlflow_parent"], sum(int(r.get("reused", 0)) for r in rows))
+
+
+def track(out: SweepOutput, ctx: RunContext):
+    """The chosen settings' accuracies as metrics; results and plot as artifacts (also on the original parent)."""
+    import mlflow
+
+    m = {"trials": len(out.table), "trials_reused": out.reused}
+    for _, c in out.chosen.iterrows():
+        base = f"chosen/{c['split']}/{c['method']}"
+        m[f"{base}/val_accuracy"], m[f"{base}/test_accuracy"] = c["val_mean"], c["test_mean"]
+        if c["guidance_scale"] == c["guidance_scale"]:  # not NaN
+            m[f"{base}/guidance_scale"] = c["guidance_scale"]
+    if out.parent_id != mlflow.active_run().info.run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(ctx.tracker.uri)
+        for p in out.paths:
+            client.log_artifact(out.parent_id, str(p))
+    return m, out.paths
+
+
+def main() -> int:
+    from pipelines.runner import run_stages
+
+    return run_stages("sweep", __doc__)
+
+
+if __name__ == "__main__":
+    from pipelines.cli import guarded
+
+    guarded(main)()
