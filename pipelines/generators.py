@@ -26,6 +26,7 @@ class GeneratorsConfig:
 
     splits: tuple[str, ...] = ("random", "compositional")  # split modes to evaluate (given: the features' own split)
     seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every zero-shot model (the table's mean ± std)
+    val_fraction: float = 0.15  # share of meta-train tasks held out of every zero-shot model as the validation split (sweeps choose γ there)
     d_latent: int = 128  # latent size of HNet and HVAE (paper: 128)
     hidden: tuple[int, ...] = (128, 128)  # MLP widths of HNet and the HVAE encoder/decoder (paper: [128, 128])
     hnet_steps: int = 1000  # Adam steps of HNet + latents on support losses
@@ -51,6 +52,7 @@ class GeneratorsConfig:
         check_range("hnet_lr", self.hnet_lr, 1e-7, 1.0)
         check_range("hvae_lr", self.hvae_lr, 1e-7, 1.0)
         check_range("hvae_beta", self.hvae_beta, 0.0)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.5)
 
 
 CONFIG = GeneratorsConfig
@@ -92,7 +94,7 @@ def run(cfg: GeneratorsConfig, ctx: RunContext):
     from pipelines.zs_data import write_plan
     from pipelines.zs_launch import train_stage
 
-    write_plan(ctx.run_dir, cfg.splits, cfg.seeds)
+    write_plan(ctx.run_dir, cfg.splits, cfg.seeds, cfg.val_fraction)
     return train_stage("pipelines.generators", "generators", cfg, ctx)
 
 

@@ -2,7 +2,9 @@
 
 Splits. The features stage assigns tasks to meta-train/meta-test with its `split_mode`; the zero-shot
 stages can evaluate other split modes on the same features and experts (an expert depends only on its
-own task), so one farm serves the random and the compositional split of easyvqa.
+own task), so one farm serves the random and the compositional split of easyvqa. A seeded share of
+the meta-train tasks (the plan's `val_fraction`) is held out of training as a validation split: sweeps
+choose the guidance scale and other sampling settings there, never on meta-test.
 
 Model files live under `<run_dir>/models/<kind>/<split>-seed<k>.safetensors` with a JSON sidecar (the
 config that made them). Tensors only: nothing read back is unpickled.
@@ -13,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -25,6 +28,7 @@ from pipelines.suites.base import META_TEST, META_TRAIN
 from pipelines.suites.splits import assign_splits
 
 PLAN_FILE = "plan.json"
+VAL_SEED = 0  # one validation split per (split, fraction), the same for every training seed
 
 
 class ZeroShotError(RuntimeError):
@@ -53,7 +57,7 @@ class SplitData:
     name: str
     run_dir: Path
     layout: WeightLayout
-    train: TaskData
+    train: TaskData  # meta-train tasks the models train on (validation tasks excluded)
     test: TaskData
     train_ids: list[str]
     test_ids: list[str]
@@ -61,6 +65,18 @@ class SplitData:
     w_train: torch.Tensor  # [N_train, P] meta-train experts (seed 0 of each task)
     w_test: torch.Tensor  # [N_test, P] meta-test experts: the oracle, never used for training
     norm: WeightNormalizer  # fit on w_train only
+    val: TaskData | None = None  # held-out meta-train tasks for choosing sampling settings (None: no validation split)
+    val_ids: list[str] | None = None
+    w_val: torch.Tensor | None = None  # [N_val, P] their experts (the validation oracle)
+
+
+def validation_ids(train_ids: list[str], fraction: float) -> set[str]:
+    """A seeded `fraction` of the meta-train task ids, at least one and never all of them (empty for 0)."""
+    if fraction <= 0 or len(train_ids) < 2:
+        return set()
+    n = min(max(round(len(train_ids) * fraction), 1), len(train_ids) - 1)
+    order = np.random.default_rng(VAL_SEED).permutation(sorted(train_ids))
+    return set(order[:n].tolist())
 
 
 def store_spec(run_dir: Path) -> TaskNetSpec:
@@ -73,8 +89,8 @@ def store_spec(run_dir: Path) -> TaskNetSpec:
     return TaskNetSpec(**spec)
 
 
-def load_split(run_dir: Path, mode: str, feats=None) -> SplitData:
-    """Tensors of one split of the run in `run_dir` (features + experts)."""
+def load_split(run_dir: Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:
+    """Tensors of one split of the run in `run_dir` (features + experts); `val_fraction` defaults to the plan's."""
     from orchestrator.store import WeightStore
     from orchestrator.suite_features import SuiteFeatures, task_batch
 
@@ -86,6 +102,9 @@ def load_split(run_dir: Path, mode: str, feats=None) -> SplitData:
     rows = list(feats.tasks.itertuples())
     tr = [r for r in rows if assign[r.id] == META_TRAIN]
     te = [r for r in rows if assign[r.id] == META_TEST]
+    val_ids = validation_ids([r.id for r in tr], read_val_fraction(run_dir) if val_fraction is None else val_fraction)
+    va = [r for r in tr if r.id in val_ids]
+    tr = [r for r in tr if r.id not in val_ids]
     if not tr or not te:
         raise ZeroShotError(f"split {mode!r} has {len(tr)} meta-train and {len(te)} meta-test tasks; both must be non-empty")
     stored = WeightStore(Path(run_dir) / "store" / "weights").read(seeds=[0])
@@ -96,21 +115,23 @@ def load_split(run_dir: Path, mode: str, feats=None) -> SplitData:
     w_tr = stored.w[[where[r.id] for r in tr]]
     w_te = stored.w[[where[r.id] for r in te]]
     desc = lambda rs: T[torch.tensor([int(r.desc_text) for r in rs])]  # noqa: E731
+    val = dict(val=TaskData(layout, X, task_batch(va, T), desc(va)), val_ids=[r.id for r in va],
+               w_val=stored.w[[where[r.id] for r in va]]) if va else {}
     return SplitData(
         name=mode, run_dir=Path(run_dir), layout=layout,
         train=TaskData(layout, X, task_batch(tr, T), desc(tr)),
         test=TaskData(layout, X, task_batch(te, T), desc(te)),
         train_ids=[r.id for r in tr], test_ids=[r.id for r in te], test_descriptions=[r.description for r in te],
-        w_train=w_tr, w_test=w_te, norm=WeightNormalizer(layout).fit(w_tr),
+        w_train=w_tr, w_test=w_te, norm=WeightNormalizer(layout).fit(w_tr), **val,
     )
 
 
 # ----------------------------------------------------------------------------- plan and model files
 
 
-def write_plan(run_dir: Path, splits: tuple[str, ...], seeds: tuple[int, ...]) -> None:
-    """Record which (split, seed) pairs this run's zero-shot stages cover (set by the generators stage)."""
-    write_json(Path(run_dir) / "models" / PLAN_FILE, {"splits": list(splits), "seeds": list(seeds)})
+def write_plan(run_dir: Path, splits: tuple[str, ...], seeds: tuple[int, ...], val_fraction: float = 0.0) -> None:
+    """Record which (split, seed) pairs this run's zero-shot stages cover and how much meta-train they hold out."""
+    write_json(Path(run_dir) / "models" / PLAN_FILE, {"splits": list(splits), "seeds": list(seeds), "val_fraction": val_fraction})
 
 
 def read_plan(run_dir: Path) -> tuple[list[str], list[int]]:
@@ -120,6 +141,12 @@ def read_plan(run_dir: Path) -> tuple[list[str], list[int]]:
         raise ZeroShotError(f"no trained generators in {run_dir}: run `python -m pipelines.generators --run-dir {run_dir}` first")
     plan = json.loads(path.read_text())
     return plan["splits"], plan["seeds"]
+
+
+def read_val_fraction(run_dir: Path) -> float:
+    """The plan's validation share of meta-train tasks (0 without a plan, or for plans made before it existed)."""
+    path = Path(run_dir) / "models" / PLAN_FILE
+    return float(json.loads(path.read_text()).get("val_fraction", 0.0)) if path.exists() else 0.0
 
 
 def model_path(run_dir: Path, kind: str, split: str, seed: int) -> Path:

@@ -17,7 +17,7 @@ import torch
 
 from models.zs_train import Hooks
 from pipelines.cli import RunContext
-from pipelines.zs_data import load_split, model_path, read_plan, save_model, store_spec
+from pipelines.zs_data import load_split, model_path, read_plan, read_val_fraction, save_model, store_spec
 
 
 def config_dict(cfg) -> dict:
@@ -30,13 +30,13 @@ def config_from(module, values: dict):
     return module.CONFIG(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def up_to_date(path: Path, cfg) -> bool:
-    """True when `path` exists and was trained with exactly `cfg` (the seed and split are in the name)."""
+def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
+    """True when `path` exists and was trained with exactly `cfg` on the same tasks (seed and split are in the name)."""
     side = path.with_suffix(".json")
     if not (path.exists() and side.exists()):
         return False
     saved = json.loads(side.read_text())
-    return saved.get("stage_config") == config_dict(cfg)
+    return saved.get("stage_config") == config_dict(cfg) and saved.get("val_fraction", 0.0) == val_fraction
 
 
 def _loop(config: dict) -> None:
@@ -74,19 +74,21 @@ def _loop(config: dict) -> None:
         t0 = time.perf_counter()
         state, extra = module.train_one(data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
-        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "metrics": summary}
+        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "val_fraction": config["val_fraction"],
+                   "train_tasks": len(data[split].train_ids), "metrics": summary}
         if rt.rank() == 0 or not ddp:
             save_model(model_path(run_dir, config["kind"], split, seed), state, sidecar)
         if ddp:  # a Ray Train checkpoint per model, with its config
             rt.report({"step": 0, **summary}, state=state, config=sidecar)
 
 
-def train_stage(module_name: str, kind: str, cfg, ctx: RunContext) -> dict:
-    """Train `kind` for every (split, seed) of the plan that is not up to date; returns {combo: summary metrics}."""
+def train_stage(module_name: str, kind: str, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
+    """Train `kind` for every (split, seed) of the plan (or `only` these) not up to date; returns {combo: summary metrics}."""
     splits, seeds = read_plan(ctx.run_dir)
+    val_fraction = read_val_fraction(ctx.run_dir)
     store_spec(ctx.run_dir)  # fail here, with the fix in the message, not inside a Ray Train worker
-    combos = [(s, k) for s in splits for k in seeds]
-    todo = [c for c in combos if not up_to_date(model_path(ctx.run_dir, kind, *c), cfg)]
+    combos = [(s, k) for s in splits for k in seeds if only is None or (s, k) in only]
+    todo = [c for c in combos if not up_to_date(model_path(ctx.run_dir, kind, *c), cfg, val_fraction)]
     if len(todo) < len(combos):
         ctx.log(f"{kind}: {len(combos) - len(todo)} of {len(combos)} models up to date, {len(todo)} to train")
     if todo:
@@ -100,7 +102,7 @@ def train_stage(module_name: str, kind: str, cfg, ctx: RunContext) -> dict:
         result = launch(
             _loop,
             {"module": module_name, "kind": kind, "cfg": config_dict(cfg), "run_dir": str(ctx.run_dir.resolve()),
-             "combos": todo, "threads": threads, "log_every": cfg.log_every},
+             "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction},
             name=kind, run_dir=ctx.run_dir, num_workers=workers, cpus_per_worker=threads,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
