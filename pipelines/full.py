@@ -1,7 +1,8 @@
-"""The whole pipeline so far: features -> expert farm (later: generative models, evaluation, sweeps).
+"""The whole pipeline: features -> expert farm -> zero-shot generators -> evaluation -> γ sweep.
 
     python -m pipelines.full --preset default
     python -m pipelines.full --preset smoke --set features.suite=easyvqa --set experts.steps=100
+    python -m pipelines.full --resume            # after an interruption during the sweep
 
 `--set stage.field=value` overrides one stage's config; rerunning with the same --run-dir resumes.
 """

@@ -6,6 +6,7 @@ Each stage module provides `CONFIG` (a frozen dataclass), `PRESETS`, `NEEDS_RAY`
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from orchestrator.atomic import write_json
 from pipelines.cli import ConfigError, RunContext, base_parser, build_config, prepare_run_dir
 
-STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate")  # the pipeline, in order
+STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep")  # the pipeline, in order
 
 
 def stage_module(name: str):
@@ -25,7 +26,7 @@ def split_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, 
     routed: dict[str, list[str]] = {s: [] for s in stages}
     for item in overrides:
         key = item.split("=", 1)[0]
-        if "." in key:
+        if "." in key and not (len(stages) == 1 and key.split(".")[0] not in routed):  # one stage: dotted keys are its own (train.x.y)
             stage, rest = item.split(".", 1)
             if stage not in routed:
                 raise ConfigError(f"--set {item!r}: unknown stage {stage!r}; stages here: {', '.join(stages)}")
@@ -43,12 +44,21 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     parser = base_parser(f"python -m pipelines.{prog}", (doc or "").strip().splitlines()[0] if doc else prog)
     if prog == "features" or "features" in stages:
         parser.add_argument("--tasks", default=None, metavar="FILE", help="a JSONL task file to use instead of a suite")
+    if "sweep" in stages:
+        parser.add_argument("--spec", default=None, metavar="FILE", help="sweep spec (YAML); --set overrides its keys")
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
     args = parser.parse_args(argv)
     mods = {s: stage_module(s) for s in stages}
     routed = split_overrides(args.overrides, stages)
     if getattr(args, "tasks", None):
         routed["features"].append(f"tasks_file={Path(args.tasks).resolve()}")
-    cfgs = {s: build_config(mods[s].CONFIG, mods[s].PRESETS, args.preset, routed[s], args.seed) for s in stages}
+    if getattr(args, "spec", None):
+        routed["sweep"].insert(0, f"spec={Path(args.spec).resolve()}")
+    if getattr(args, "resume", False):
+        routed["sweep"].append("resume=true")
+    # a stage may parse its own config (the sweep's spec file and search spaces); the rest are plain dataclasses
+    cfgs = {s: (getattr(mods[s], "make_config", None) or functools.partial(build_config, mods[s].CONFIG))(
+        mods[s].PRESETS, args.preset, routed[s], args.seed) for s in stages}
 
     run_dir = prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset))
     ctx = RunContext(run_dir=run_dir, address=args.address, progress=not args.no_progress)

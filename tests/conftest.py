@@ -38,6 +38,22 @@ def smoke_run_dir(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.fixture(scope="session")
+def smoke_pipeline(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python -m pipelines.full --preset smoke` run once per session: (run directory, its finished process).
+
+    Tests that change the run work on a copy (`copy_run`)."""
+    run_dir = tmp_path_factory.mktemp("pipeline") / "run"
+    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    return run_dir, r
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    """A copy of a trained run without its MLflow store (the copy logs to a fresh SQLite store of its own)."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "sweeps"))
+    return dst
+
+
 @pytest.fixture
 def run_dir_with_features(smoke_run_dir, tmp_path) -> Path:
     """A fresh run directory with a copy of the smoke features (and their encoder cache)."""

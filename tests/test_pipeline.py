@@ -10,9 +10,8 @@ from tests.conftest import run_cli
 pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow]
 
 
-def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
-    run_dir = tmp_path / "run"
-    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
+    run_dir, r = smoke_pipeline
     assert r.returncode == 0, r.stderr[-3000:]
     for what in ("run directory:", "mlflow ui --backend-store-uri", "dashboard http://127.0.0.1"):
         assert what in r.stderr
@@ -29,7 +28,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and parents[0].info.run_name == "full"
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate"}
+    assert set(children) == {"features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep"}
     assert children["experts"].data.params["steps"] == "60"
     assert children["experts"].data.metrics["experts_trained"] == 24
     assert children["features"].data.metrics["tasks"] == 24
@@ -57,6 +56,13 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
     assert {"zero_shot.csv", "zero_shot.md", "zero_shot.png"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}
     assert any(a.path.endswith(".safetensors") for a in client.list_artifacts(children["hyperldm"].info.run_id))
 
+    # The default γ sweep ran as the last stage: one child run per trial under the sweep's run, γ chosen on validation.
+    sweep = children["sweep"]
+    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
+    assert len(trials) == 12 == sweep.data.metrics["trials"]  # 2 HyperLDM routes x γ {0, 1} + 8 other methods
+    assert sweep.data.metrics["chosen/given/hnet_hyperldm/guidance_scale"] in (0.0, 1.0)
+    assert {"results.md", "curve.png"} <= {a.path for a in client.list_artifacts(sweep.info.run_id)}
+
     # Bring your own descriptions: the smoke suite's tasks as a task file, weights from the trained run.
     from pipelines.suites import write_task_file
     from pipelines.features import FeaturesConfig, PRESETS, load_tasks
@@ -78,6 +84,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
     assert "1 of 1 models up to date, 0 to train" in r.stderr
+    assert "sweep gamma: all 12 trials already done" in r.stderr
 
 
 def test_default_pipeline_experts_reach_95_percent_on_easyvqa(tmp_path):
