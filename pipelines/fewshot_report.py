@@ -22,8 +22,8 @@ def markdown(table, cfg) -> str:
     lines = [f"# Few-shot query accuracy: {table['suite'].iloc[0]}", "",
              f"Meta-test episodes per (split, method, K, seed): {cfg.eval_episodes}, {cfg.queries} queries each; "
              f"meta-training steps x episodes: {cfg.hyper_train_steps} x {cfg.hyper_tasks_per_batch} for HyperMAML "
-             f"(lr {cfg.hypermaml_lr:g}) and HyperTransformer (lr {cfg.ht_lr:g}), {cfg.train_steps} x {cfg.tasks_per_batch} "
-             f"for the others (lr {cfg.lr:g})"
+             f"(lr {cfg.hypermaml_lr:g}) and HyperTransformer (lr {cfg.ht_lr:g}), {cfg.metadiff_train_steps} x {cfg.tasks_per_batch} "
+             f"for MetaDiff and {cfg.train_steps} x {cfg.tasks_per_batch} for MAML and FOMAML (lr {cfg.lr:g})"
              f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}; seeds {list(cfg.seeds)}. "
              f"finetune_*: a zero-shot model's weights for the task, then {cfg.finetune_steps} gradient steps "
              f"(lr {cfg.finetune_lr:g}) on the support set. "
