@@ -6,8 +6,9 @@
 MetaDiff's claim (Zhang et al. 2024, §1, §4.3): a gradient-based meta-learner backpropagates through
 its inner loop, so its training memory grows with the number of inner steps; MetaDiff trains its
 denoiser with the ε-MSE loss at one random timestep, so its training step does not depend on how many
-denoising steps sampling later takes. Both run on the real task network (TaskNetSpec: 1280 -> 32 ->
-384, 53,664 weights) with a realistic episode batch: 4 tasks x 8 answers x 5 shots, 64 queries each
+denoising steps sampling later takes. Both run on the real task network (the default features:
+128 -> 32 -> 384, 16,800 weights; `--d-img 1280` for unprojected image features, 53,664) with a
+realistic episode batch: 4 tasks x 8 answers x 5 shots, 64 queries each
 (random features: cost does not depend on the values). MetaDiff's denoising steps = MAML's inner
 steps; its training step is measured anyway (one denoiser call), and both methods' test-time
 adaptation (MAML's inner loop without the outer graph, MetaDiff's DDIM sampling) is timed too.
@@ -40,7 +41,7 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(method: str, steps: int, reps: int) -> dict:
+def child(method: str, steps: int, reps: int, d_img: int) -> dict:
     """Build the method, time `reps` training steps and one adaptation; report memory (runs in a subprocess)."""
     import numpy as np
     import torch
@@ -51,7 +52,7 @@ def child(method: str, steps: int, reps: int) -> dict:
     from models.task_net import TaskNetSpec, init_weights
 
     torch.set_num_threads(1)
-    spec = TaskNetSpec()
+    spec = TaskNetSpec(d_img=d_img)
     B, A, K, Q = 4, 8, 5, 64
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(B * (A * K + Q), spec.d_img, generator=g).abs()  # post-ReLU-like image features
@@ -94,15 +95,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, nargs="+", default=[1, 5, 10, 20], help="inner-loop lengths")
     p.add_argument("--reps", type=int, default=5, help="timed training steps per configuration")
+    p.add_argument("--d-img", type=int, default=128, help="image feature width (the features stage's image_dims)")
     p.add_argument("--child", nargs=2, metavar=("METHOD", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args.child[0], int(args.child[1]), args.reps)))
+        print(json.dumps(child(args.child[0], int(args.child[1]), args.reps, args.d_img)))
         return
     rows = []
     for steps in args.steps:
         for method in ("maml", "metadiff"):
-            out = subprocess.run([sys.executable, __file__, "--child", method, str(steps), "--reps", str(args.reps)],
+            out = subprocess.run([sys.executable, __file__, "--child", method, str(steps), "--reps", str(args.reps),
+                                  "--d-img", str(args.d_img)],
                                  capture_output=True, text=True, check=True, cwd=ROOT)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     by = {(r["method"], r["inner_steps"]): r for r in rows}
@@ -116,7 +119,7 @@ def main() -> None:
               f"{d['step_ms']:>16.1f} {d['peak_rss_mb']:>8.0f} {d['step_mem_mb']:>8.1f} | {ratios[s]:>9.2f} | "
               f"{m['adapt_ms']:>6.0f}/{d['adapt_ms']:<6.0f}")
     print(json.dumps({
-        "episode": {"tasks": 4, "answers": 8, "shots": 5, "queries": 64},
+        "episode": {"tasks": 4, "answers": 8, "shots": 5, "queries": 64}, "d_img": args.d_img,
         "rows": rows,
         "maml_over_metadiff_step_mem": {str(s): r for s, r in ratios.items()},
         "maml_over_metadiff_step_time": {str(s): by[("maml", s)]["step_ms"] / by[("metadiff", s)]["step_ms"] for s in args.steps},

@@ -36,7 +36,7 @@ class MethodParams:
     rotate_views: bool = True  # HyperMAML/HyperTransformer see h in a random basis per meta-training episode
     ht_init_gain: float = 0.3  # HyperTransformer's initial output gain (scale of its generated residual)
     metadiff_width: int = 128  # MetaDiff denoiser width
-    pretrain_steps: int = 300  # multitask pretraining of the frozen extractor fc1 (MetaDiff, HyperMAML, HyperTransformer)
+    pretrain_steps: int = 1000  # multitask pretraining of the frozen extractor fc1 (MetaDiff, HyperMAML, HyperTransformer)
     metadiff_target_steps: int = 100  # Adam steps of each task's target fc2
     max_answers: int = 8  # candidate answers the hypernetworks are built for
 
