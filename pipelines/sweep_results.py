@@ -97,7 +97,9 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
         return False
     x = varying[0]
     splits = list(dict.fromkeys(table["split"]))
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits) + 2.5, 4.5), squeeze=False)
+    colors = iter(plt.cm.tab10.colors + plt.cm.Dark2.colors * 4)
+    color = {m: next(colors) for m in dict.fromkeys(table["method"])}  # one colour per method on every panel
     for ax, split in zip(axes[0], splits):
         t = table[table["split"] == split]
         for method, g in t.groupby("method", sort=False):
@@ -105,7 +107,7 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
                 s = g.groupby(x)[["test_accuracy", "val_accuracy"]].agg(["mean", "std"]).sort_index()
                 xs = s.index.to_numpy(dtype=float)
                 m, sd = 100 * s[("test_accuracy", "mean")], 100 * s[("test_accuracy", "std")].fillna(0)
-                line, = ax.plot(xs, m, marker="o", label=f"{method} (meta-test)")
+                line, = ax.plot(xs, m, marker="o", color=color[method], label=f"{method} (meta-test)")
                 ax.fill_between(xs, m - sd, m + sd, color=line.get_color(), alpha=0.2)
                 ax.plot(xs, 100 * s[("val_accuracy", "mean")], ls=":", color=line.get_color(), label=f"{method} (val)")
                 c = chosen[(chosen["split"] == split) & (chosen["method"] == method)]
@@ -113,15 +115,15 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
                     ax.plot([c["guidance_scale"].iloc[0]], [100 * c["test_mean"].iloc[0]], marker="*", ms=14,
                             color=line.get_color(), ls="none")
             else:
-                ax.axhline(100 * g["test_accuracy"].mean(), ls="--", lw=1, color="gray" if method == "chance" else None,
-                           label=f"{method} (meta-test)")
+                ax.axhline(100 * g["test_accuracy"].mean(), ls="--", lw=1.2, color=color[method], label=f"{method} (meta-test)")
         if x == "guidance_scale":
             ax.set_xscale("symlog", linthresh=1.0)
         ax.set_xlabel(x + ("  (★ chosen on val)" if x == "guidance_scale" else ""))
         ax.set_ylabel("query accuracy (%)")
         ax.set_title(f"{name}: {split}")
-        ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center right")
+    fig.tight_layout(rect=(0, 0, 1 - 2.4 / fig.get_figwidth(), 1))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
