@@ -64,6 +64,11 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
                 _node_ip_address="127.0.0.1",
                 logging_level=logging.WARNING,
             )
+    except ray.exceptions.AuthenticationError as e:
+        raise ClusterError(
+            f"the Ray cluster at {address!r} refused this client's token: {e.message}. Export RAY_AUTH_MODE=token and "
+            "put the cluster's token in ~/.ray/auth_token (or RAY_AUTH_TOKEN); docs/cluster.md"
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = f"the Ray cluster at {address!r}" if address else "a local Ray instance"
         raise ClusterError(
