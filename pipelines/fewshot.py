@@ -64,6 +64,8 @@ class FewShotConfig:
     eval_batch: int = 200  # episodes evaluated at once
     finetune_steps: int = 10  # fine-tuning baselines: gradient steps on the support set
     finetune_lr: float = 0.1  # fine-tuning baselines: their learning rate
+    ldm_steps: int = 20  # HyperLDM rows: DDIM steps
+    ldm_support_scale: float = 1.0  # HyperLDM rows: support-loss guidance scale, in units of the noise (untuned)
     num_workers: int = 2  # Ray Train workers (1 CPU, 1 thread each), each training its own share of the units
     seed: int = 0  # seeds the evaluation episodes
 
@@ -103,6 +105,8 @@ class FewShotConfig:
         check_range("num_workers", self.num_workers, 1)
         check_range("finetune_steps", self.finetune_steps, 0)
         check_range("finetune_lr", self.finetune_lr, 1e-6, 100.0)
+        check_range("ldm_steps", self.ldm_steps, 1, 1000)
+        check_range("ldm_support_scale", self.ldm_support_scale, 0.0, 100.0)
 
     def schedule(self, method: str) -> tuple[int, int, float]:
         """(train steps, episodes per step, Adam learning rate) of `method`."""
@@ -260,7 +264,7 @@ def config_hash(d: dict) -> str:
 
 
 # Fields that change neither training nor evaluation of the few-shot methods: a change keeps the checkpoint.
-RESUME_NEUTRAL = ("methods", "splits", "finetune_steps", "finetune_lr")
+RESUME_NEUTRAL = ("methods", "splits", "finetune_steps", "finetune_lr", "ldm_steps", "ldm_support_scale")
 
 
 def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:

@@ -85,3 +85,22 @@ def test_zero_shot_baselines_fine_tuned_on_the_stage_episodes(zs_run_dir, tmp_pa
                           dataclasses.replace(cfg, finetune_steps=10), print)
     assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["ci95"]) for r in tuned)
     assert [r["accuracy"] for r in tuned] != [r["accuracy"] for r in zero]
+
+
+def test_support_guidance_off_is_plain_ddim_and_on_lowers_the_support_loss():
+    from models.denoiser import LatentDenoiser
+    from models.diffusion import Diffusion
+    from models.fewshot.finetune import support_guided_latents
+
+    torch.manual_seed(0)
+    den = LatentDenoiser(6, 4, hidden=32).eval()
+    diffusion = Diffusion(1000, "cosine")
+    c = torch.randn(5, 4)
+    z_T = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    loss = lambda z: (z - target).pow(2).sum(-1)  # noqa: E731  a stand-in support loss per episode
+    plain = diffusion.sample(den, c, gamma=1.5, sampler="ddim", steps=10, z_T=z_T)
+    off = support_guided_latents(diffusion, den, c, 1.5, z_T, 10, 0.0, loss)
+    torch.testing.assert_close(off, plain)
+    on = support_guided_latents(diffusion, den, c, 1.5, z_T, 10, 1.0, loss)
+    assert (loss(on) < loss(plain)).all()
