@@ -26,7 +26,8 @@ def markdown(table, cfg) -> str:
              f"for MetaDiff and {cfg.train_steps} x {cfg.tasks_per_batch} for MAML and FOMAML (lr {cfg.lr:g})"
              f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}; seeds {list(cfg.seeds)}. "
              f"finetune_*: a zero-shot model's weights for the task, then {cfg.finetune_steps} gradient steps "
-             f"(lr {cfg.finetune_lr:g}) on the support set. "
+             f"(lr {cfg.finetune_lr:g}) on the support set; hnet_hyperldm: HyperLDM from the description (γ 1, "
+             f"{cfg.ldm_steps} DDIM steps), _support_guided: plus support-loss guidance (scale {cfg.ldm_support_scale:g}). "
              "Mean ± std over seeds; per seed: mean ± 95% CI (1.96 std/sqrt(n)) over episodes.", ""]
     for split in dict.fromkeys(table["split"]):
         t_split = table[table["split"] == split]
@@ -66,7 +67,7 @@ def plot(table, path: Path, cfg) -> None:
             err = np.where(r["n"] > 1, r["std"].fillna(0), r["ci95"])
             ax.bar(np.arange(len(here)) + (i - (len(cfg.shots) - 1) / 2) * width, r["mean"], width, yerr=err,
                    capsize=3, label=f"{k}-shot")
-        ax.set_xticks(np.arange(len(here)), here, rotation=20)
+        ax.set_xticks(np.arange(len(here)), here, rotation=25, ha="right")
         ax.set_ylim(0, 1)
         ax.set_ylabel("query accuracy")
         ax.set_title(f"few-shot, {table['suite'].iloc[0]} ({split} split)")
