@@ -182,7 +182,7 @@ class MlflowTrials:
 
         self.client = MlflowClient(uri)
         self.experiment_id, self.parent_id = experiment_id, parent_id
-        self.logged = {r.data.tags.get("trial_key") for r in self.children()}
+        self.logged: set | None = None  # trial keys with a child run; read on first use (the server may be down now)
 
     def children(self):
         return self.client.search_runs(
@@ -190,9 +190,11 @@ class MlflowTrials:
 
     def log(self, trial: dict, metrics: dict, params: dict, tags: dict) -> None:
         """One FINISHED child run: params, tags, metrics; skipped when this trial already has one."""
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param
 
         key = trial["key"]
+        if self.logged is None:
+            self.logged = {r.data.tags.get("trial_key") for r in self.children()}
         if key in self.logged:
             return
         run = self.client.create_run(self.experiment_id, run_name=trial.get("name", key),

@@ -13,6 +13,7 @@ and `curve.png`; MLflow gets one parent run per sweep and one child run per tria
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +53,36 @@ def plan_scope(cfg: SweepConfig, run_dir: Path) -> tuple[list[str], list[int]]:
     return list(cfg.splits or splits), list(cfg.seeds or seeds)
 
 
-def log_trial_fn(trials_log, name: str):
-    """Driver-side callback: one MLflow child run per finished trial."""
+def trial_logger(ctx: RunContext, parent_id: str):
+    """Writes trial child runs under the sweep's parent run (see orchestrator.sweep.MlflowTrials)."""
+    from orchestrator.sweep import MlflowTrials
+
+    if parent_id is None or parent_id.startswith("local-") or ctx.tracker.experiment_id is None:
+        raise ConnectionError("MLflow was unreachable when this sweep started, so its parent run has no id yet")
+    return MlflowTrials(ctx.tracker.uri, ctx.tracker.experiment_id, parent_id)
+
+
+def log_trial_fn(ctx: RunContext, parent_id: str, name: str):
+    """Driver-side callback: one MLflow child run per finished trial (a warning, not a failure, while MLflow is down)."""
     from pipelines.sweep_trial import trial_fields
+
+    failed: list[str] = []
+    client: list = []  # made on first use: the store may be unreachable when the sweep starts
 
     def log(trial: dict, result: dict) -> None:
         metrics = {k: result[k] for k in ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_seconds") if k in result}
         tags = {"method": trial["method"], "split": trial["split"], "seed": str(trial["seed"]), "sweep": name}
         if "guidance_scale" in trial["params"]:
             tags["guidance_scale"] = f"{trial['params']['guidance_scale']:g}"
-        trials_log.log(trial, metrics, trial_fields(trial), tags)
+        try:
+            if not client:
+                client.append(trial_logger(ctx, parent_id))
+            client[0].log(trial, metrics, trial_fields(trial), tags)
+        except Exception as e:  # noqa: BLE001 - MLflow down must not stop the trials; done/ keeps every result
+            if not failed:
+                print(f"sweep {name}: could not log to MLflow ({type(e).__name__}: {e}); the trials go on, their "
+                      "results stay in done/, and rerunning the sweep logs the missing runs", file=sys.stderr, flush=True)
+            failed.append(trial["key"])
 
     return log
 
@@ -70,10 +91,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     """Expand the spec, start or resume the Tune experiment, log trials, choose settings on validation."""
     import json
 
-    import mlflow
     import pandas as pd
 
-    from orchestrator.sweep import MlflowTrials, concurrency, read_state, run_trials, write_state
+    from orchestrator.sweep import concurrency, read_state, run_trials, write_state
     from pipelines import sweep_results
     from pipelines.sweep_spec import expand, spec_hash
     from pipelines.sweep_trial import DONE, run_trial, trial_fields
@@ -95,12 +115,12 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
         raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was interrupted with {len(done & {t['key'] for t in trials})} of "
                           f"{len(trials)} trials done: rerun with --resume to continue it (`make run ARGS=--resume` for the pipeline)")
     if state is None:
-        state = {"spec_hash": digest, "trials": len(trials), "mlflow_parent": mlflow.active_run().info.run_id, "name": cfg.name}
+        state = {"spec_hash": digest, "trials": len(trials), "mlflow_parent": ctx.tracker.run_id, "name": cfg.name}
         write_state(sweep_dir, state)
-    if state["mlflow_parent"] != mlflow.active_run().info.run_id:
-        mlflow.set_tag("sweep_parent_run", state["mlflow_parent"])  # the run that holds this sweep's trials
-    trials_log = MlflowTrials(ctx.tracker.uri, ctx.tracker.experiment_id, state["mlflow_parent"])
-    log = log_trial_fn(trials_log, cfg.name)
+    here = ctx.tracker.run_id  # this stage's MLflow run (a local reference while MLflow is unreachable)
+    if state["mlflow_parent"] != here:
+        ctx.log(f"sweep {cfg.name}: its trial runs are children of the MLflow run {state['mlflow_parent']} that started it")
+    log = log_trial_fn(ctx, state["mlflow_parent"], cfg.name)
     if finished:
         ctx.log(f"sweep {cfg.name}: all {len(trials)} trials already done in {sweep_dir}; reusing them")
         rows = [{**t, **json.loads((sweep_dir / DONE / f"{t['key']}.json").read_text()), "reused": 1} for t in trials]
@@ -113,8 +133,11 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
                           resume=cfg.resume, log_trial=log, done_before=len(done), progress=ctx.progress)
     for r in rows:  # a trial whose child run a killed driver never wrote gets it now (each exactly once)
         log(r, r)
-    if state["mlflow_parent"] != mlflow.active_run().info.run_id:
-        trials_log.finish_parent()
+    if state["mlflow_parent"] != here:
+        try:
+            trial_logger(ctx, state["mlflow_parent"]).finish_parent()  # the run a killed driver left RUNNING
+        except Exception as e:  # noqa: BLE001
+            ctx.log(f"sweep {cfg.name}: could not mark MLflow run {state['mlflow_parent']} finished ({e})")
     table = pd.DataFrame([{**trial_fields(r), "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
                            "n_val": r["n_val"], "n_test": r["n_test"], "key": r["key"]} for r in rows])
     chosen, paths = sweep_results.write(table, sweep_dir, cfg.name)
@@ -126,20 +149,21 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
 
 def track(out: SweepOutput, ctx: RunContext):
     """The chosen settings' accuracies as metrics; results and plot as artifacts (also on the original parent)."""
-    import mlflow
-
     m = {"trials": len(out.table), "trials_reused": out.reused}
     for _, c in out.chosen.iterrows():
         base = f"chosen/{c['split']}/{c['method']}"
         m[f"{base}/val_accuracy"], m[f"{base}/test_accuracy"] = c["val_mean"], c["test_mean"]
         if c["guidance_scale"] == c["guidance_scale"]:  # not NaN
             m[f"{base}/guidance_scale"] = c["guidance_scale"]
-    if out.parent_id != mlflow.active_run().info.run_id:
+    if out.parent_id != ctx.tracker.run_id:
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(ctx.tracker.uri)
-        for p in out.paths:
-            client.log_artifact(out.parent_id, str(p))
+        try:
+            client = MlflowClient(ctx.tracker.uri)
+            for p in out.paths:
+                client.log_artifact(out.parent_id, str(p))
+        except Exception as e:  # noqa: BLE001 - the files stay in the sweep folder; this run still gets them below
+            ctx.log(f"sweep: could not copy the results to MLflow run {out.parent_id} ({e})")
     return m, out.paths
 
 

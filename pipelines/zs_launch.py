@@ -74,7 +74,7 @@ def _loop(config: dict) -> None:
         t0 = time.perf_counter()
         state, extra = module.train_one(data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
-        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "val_fraction": config["val_fraction"],
+        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "val_fraction": config.get("val_fraction", 0.0),
                    "train_tasks": len(data[split].train_ids), "metrics": summary}
         if rt.rank() == 0 or not ddp:
             save_model(model_path(run_dir, config["kind"], split, seed), state, sidecar)
