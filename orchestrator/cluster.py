@@ -38,10 +38,18 @@ def check_reachable(address: str, timeout: float = PROBE_SECONDS) -> None:
            "or unset RAY_ADDRESS and drop --address to run on a local Ray")
     if not host or not port.isdigit():
         raise ClusterError(f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.10:6379); {fix}")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as e:
-        raise ClusterError(f"no Ray cluster answers at {address!r} ({e.strerror or e}); {fix}") from None
+    host = host.strip("[]")
+    # ray.init dials a loopback address at this machine's node IP instead, and a GCS listens on its
+    # node IP only: either answering is enough
+    hosts = dict.fromkeys([host, ray._private.services.resolve_ip_for_localhost(host)])
+    err = None
+    for h in hosts:
+        try:
+            socket.create_connection((h, int(port)), timeout=timeout).close()
+            return
+        except OSError as e:
+            err = e
+    raise ClusterError(f"no Ray cluster answers at {address!r} ({err.strerror or err}); {fix}")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, namespace: str = "weightgen") -> RayInfo:
