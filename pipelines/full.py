@@ -1,4 +1,4 @@
-"""The whole pipeline: features -> expert farm -> zero-shot generators -> evaluation -> γ sweep.
+"""The whole pipeline: features -> expert farm -> zero-shot generators -> evaluation -> γ sweep -> few-shot.
 
     python -m pipelines.full --preset default
     python -m pipelines.full --preset smoke --set features.suite=easyvqa --set experts.steps=100

@@ -14,7 +14,7 @@ from pathlib import Path
 from orchestrator.atomic import write_json
 from pipelines.cli import ConfigError, RunContext, base_parser, build_config, prepare_run_dir
 
-STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep")  # the pipeline, in order
+STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep", "fewshot")  # the pipeline, in order
 
 
 def stage_module(name: str):

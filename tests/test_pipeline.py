@@ -28,7 +28,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and parents[0].info.run_name == "full"
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep"}
+    assert set(children) == {"features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep", "fewshot"}
     assert children["experts"].data.params["steps"] == "60"
     assert children["experts"].data.metrics["experts_trained"] == 24
     assert children["features"].data.metrics["tasks"] == 24
