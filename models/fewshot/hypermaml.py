@@ -35,7 +35,7 @@ from torch import nn
 from models.fewshot.episodes import EpisodeBatch, batch_accuracy, task_logits
 from models.fewshot.maml import adapt as maml_adapt
 from models.fewshot.maml import query_loss
-from models.fewshot.support import frozen_base, head_update, hidden_features, random_rotation
+from models.fewshot.support import PretrainedExtractor, head_update, hidden_features, random_rotation
 from models.hnet import mlp
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 
@@ -66,7 +66,7 @@ class CoefficientNet(nn.Module):
         return self.pair(torch.cat([zc, probs[..., None], onehot[..., None]], -1)) * mf[..., None]
 
 
-class HyperMAML(nn.Module):
+class HyperMAML(PretrainedExtractor, nn.Module):
     """Universal weights θ = `w0` and a hypernetwork that maps a support set to the head update Δθ."""
 
     def __init__(
@@ -82,16 +82,6 @@ class HyperMAML(nn.Module):
         self.hyper = CoefficientNet(spec.hidden + 2 * max_answers, width)
         # β: 0 = pure MAML warm-up update, 1 = pure hypernetwork update; set by the training loop.
         self.register_buffer("blend", torch.tensor(1.0))
-
-    @torch.no_grad()
-    def set_extractor(self, w: torch.Tensor) -> None:
-        """Start θ at pretrained weights w [P] and freeze their fc1 (the shared extractor)."""
-        self.w0.copy_(w)
-        self.frozen_extractor = True
-
-    def base(self) -> torch.Tensor:
-        """θ [P], with fc1 detached once the extractor is frozen."""
-        return frozen_base(self.w0, self.layout, self.frozen_extractor)
 
     def update(self, batch: EpisodeBatch, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Δθ of the head from the enhanced embeddings [h ⊕ softmax_θ ⊕ one-hot]: (ΔW [B, d_txt, hidden], Δb [B, d_txt])."""

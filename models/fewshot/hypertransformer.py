@@ -30,13 +30,13 @@ from torch import nn
 
 from models.fewshot.episodes import EpisodeBatch, batch_accuracy
 from models.fewshot.maml import query_loss
-from models.fewshot.support import class_means, frozen_base, head_update, hidden_features, prototypes, random_rotation
+from models.fewshot.support import class_means, PretrainedExtractor, head_update, hidden_features, prototypes, random_rotation
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 
 LAYERS = ("all", "last")
 
 
-class HyperTransformer(nn.Module):
+class HyperTransformer(PretrainedExtractor, nn.Module):
     """Support tokens + weight-slice tokens -> TransformerEncoder -> task-network weights (residual on w0)."""
 
     def __init__(
@@ -65,16 +65,6 @@ class HyperTransformer(nn.Module):
         # the prototype's gain γ starts at 1 (a working nearest-mean head before any meta-training).
         self.gain = nn.Parameter(torch.full((2,), init_gain))
         self.proto_gain = nn.Parameter(torch.tensor(1.0))
-
-    @torch.no_grad()
-    def set_extractor(self, w: torch.Tensor) -> None:
-        """Start w0 at pretrained weights w [P] and freeze their fc1 (the shared extractor)."""
-        self.w0.copy_(w)
-        self.frozen_extractor = True
-
-    def base(self) -> torch.Tensor:
-        """w0 [P], with fc1 detached once the extractor is frozen."""
-        return frozen_base(self.w0, self.layout, self.frozen_extractor)
 
     def tokens(self, batch: EpisodeBatch, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[support; class; unit] tokens [B, n_s + a (+ hidden), d_model] and the key padding mask (True = ignore)."""

@@ -5,7 +5,7 @@ the task network's own representation, the hidden features h = relu(fc1 x). Two 
 the compositional easyvqa split (held-out concepts gray, teal, triangle) shape what is here:
 - A jointly meta-learned fc1 co-adapts to the meta-train concepts (its held-out-concept test accuracy
   fell to chance while meta-train accuracy rose), so fc1 comes from multitask pretraining and stays
-  frozen, as MetaDiff's extractor does (`frozen_base`).
+  frozen, as MetaDiff's extractor does (`PretrainedExtractor`).
 - A hypernetwork that sees h learns concept-specific maps; showing it h in a random orthonormal basis
   per episode during meta-training (`random_rotation`) leaves only what is true in every basis
   (distances, angles, labels) to learn from, and the head it writes is built from the real h.
@@ -56,9 +56,21 @@ def head_update(prompts: torch.Tensor, rows: torch.Tensor, biases: torch.Tensor)
     return torch.einsum("bcd,bch->bdh", pn, rows), torch.einsum("bcd,bc->bd", pn, biases)
 
 
-def frozen_base(w0: torch.Tensor, layout: WeightLayout, freeze: bool) -> torch.Tensor:
-    """w0 [P] with its fc1 part detached when `freeze` (the pretrained extractor gets no gradient)."""
-    if not freeze:
-        return w0
-    n = layout.offsets["fc1.bias"][1]  # fc1.weight and fc1.bias come first in the layout
-    return torch.cat([w0[:n].detach(), w0[n:]])
+class PretrainedExtractor:
+    """Mixin for a model whose base weights `w0` [P] can start at a pretrained network with fc1 frozen.
+
+    The model sets `self.w0` (a parameter), `self.layout` and `self.frozen_extractor = False`.
+    """
+
+    @torch.no_grad()
+    def set_extractor(self, w: torch.Tensor) -> None:
+        """Start w0 at pretrained weights w [P] and freeze their fc1 (the shared extractor)."""
+        self.w0.copy_(w)
+        self.frozen_extractor = True
+
+    def base(self) -> torch.Tensor:
+        """w0 [P], with fc1 detached once the extractor is frozen (the pretrained extractor gets no gradient)."""
+        if not self.frozen_extractor:
+            return self.w0
+        n = self.layout.offsets["fc1.bias"][1]  # fc1.weight and fc1.bias come first in the layout
+        return torch.cat([self.w0[:n].detach(), self.w0[n:]])
