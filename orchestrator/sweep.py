@@ -24,6 +24,7 @@ from orchestrator.atomic import write_json
 
 TUNE_DIR = "tune"  # Tune's experiment storage under the sweep directory
 STATE_FILE = "sweep.json"  # the spec hash, trial count and MLflow parent run of a sweep
+METRIC_KEYS = ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_seconds", "reused")  # what a trial reports
 DOMAINS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint, "choice": tune.choice}
 
 
@@ -156,9 +157,6 @@ def run_trials(
         raise SweepError(f"{len(failed)} trial(s) failed (e.g. {failed[0]}); see {storage}/trials for their errors, "
                          "then rerun with --resume to retry them")
     return rows
-
-
-METRIC_KEYS = ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_seconds", "reused")
 
 
 # ----------------------------------------------------------------------------- MLflow

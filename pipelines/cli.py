@@ -27,7 +27,7 @@ def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def _coerce(cls, name: str, raw: str):
+def coerce_field(cls, name: str, raw: str):
     """Parse a --set value by the field's declared type."""
     hint = typing.get_type_hints(cls)[name]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -64,7 +64,7 @@ def build_config(cls, presets: dict[str, dict], preset: str, overrides: list[str
         key = key.strip()
         if key not in names:
             raise ConfigError(f"unknown config field {key!r} for {cls.__name__}; valid fields: {', '.join(names)}")
-        values[key] = _coerce(cls, key, raw.strip())
+        values[key] = coerce_field(cls, key, raw.strip())
     if seed is not None and "seed" in names:
         values["seed"] = seed
     try:

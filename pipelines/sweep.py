@@ -104,15 +104,15 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     for t in trials:
         t.update(run_dir=str(ctx.run_dir.resolve()), sweep_dir=str(sweep_dir.resolve()), threads=max(1, int(cfg.cpus_per_trial)))
     digest, state = spec_hash(trials), read_state(sweep_dir)
-    done = {p.stem for p in (sweep_dir / DONE).glob("*.json")}
-    finished = all(t["key"] in done for t in trials)
+    n_done = len({p.stem for p in (sweep_dir / DONE).glob("*.json")} & {t["key"] for t in trials})
+    finished = n_done == len(trials)
     if state is not None and state["spec_hash"] != digest:
         raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was made with another spec ({state['trials']} trials); "
                           "pick a new name with --set name=NEW, or move that folder away")
     if state is None and cfg.resume:
         raise ConfigError(f"there is no sweep {cfg.name!r} in {sweep_dir.parent} to resume; run without --resume")
     if state is not None and not finished and not cfg.resume:
-        raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was interrupted with {len(done & {t['key'] for t in trials})} of "
+        raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was interrupted with {n_done} of "
                           f"{len(trials)} trials done: rerun with --resume to continue it (`make run ARGS=--resume` for the pipeline)")
     if state is None:
         state = {"spec_hash": digest, "trials": len(trials), "mlflow_parent": ctx.tracker.run_id, "name": cfg.name}
@@ -128,9 +128,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
         n_train = sum(bool(t["train"]) for t in trials)
         workers = cfg.max_concurrent or concurrency(cfg.cpus_per_trial)
         ctx.log(f"sweep {cfg.name}: {len(trials)} trials ({n_train} train their own models), {workers} at a time, "
-                f"{len(done & {t['key'] for t in trials})} already done; Tune experiment in {sweep_dir / 'tune'}")
+                f"{n_done} already done; Tune experiment in {sweep_dir / 'tune'}")
         rows = run_trials(run_trial, trials, sweep_dir=sweep_dir, max_concurrent=workers, cpus_per_trial=cfg.cpus_per_trial,
-                          resume=cfg.resume, log_trial=log, done_before=len(done), progress=ctx.progress)
+                          resume=cfg.resume, log_trial=log, done_before=n_done, progress=ctx.progress)
     for r in rows:  # a trial whose child run a killed driver never wrote gets it now (each exactly once)
         log(r, r)
     if state["mlflow_parent"] != here:

@@ -96,12 +96,6 @@ def check_train_key(key: str) -> None:
         raise ConfigError(f"unknown training parameter {key!r}; {stage} fields that can be swept: {valid}")
 
 
-def _parse_value(raw: str):
-    import yaml
-
-    return yaml.safe_load(raw)
-
-
 def _as_values(key: str, value):
     """A grid (list), a search space ({kind: args}) or one value -> list or dict."""
     if isinstance(value, dict):
@@ -140,7 +134,7 @@ def make_config(presets: dict, preset: str, overrides: list[str], seed: int | No
     for k, v in pairs:
         if k == "spec":
             continue
-        parsed = [_parse_value(x) for x in v.split(",")] if "," in v else _parse_value(v)
+        parsed = [yaml.safe_load(x) for x in v.split(",")] if "," in v else yaml.safe_load(v)
         if k.startswith("train."):
             values = _merge(values, {"train": {k[len("train."):]: parsed}}, "--set")
         else:

@@ -37,7 +37,7 @@ def _split(run_dir: Path, split: str):
 
 def stage_config(kind: str, base_dir: Path, split: str, seed: int, overrides: dict):
     """The config `kind` was trained with in the base run, with `overrides` ({field: value}) applied."""
-    from pipelines.cli import _coerce
+    from pipelines.cli import coerce_field
     from pipelines.zs_data import model_path
     from pipelines.zs_launch import config_from
 
@@ -45,8 +45,8 @@ def stage_config(kind: str, base_dir: Path, split: str, seed: int, overrides: di
     side = json.loads(model_path(base_dir, kind, split, seed).with_suffix(".json").read_text())
     values = dict(side["stage_config"])
     for k, v in overrides.items():
-        values[k] = _coerce(module.CONFIG, k, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-    return config_from(module, {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+        values[k] = coerce_field(module.CONFIG, k, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    return config_from(module, values)
 
 
 def trained_run(trial: dict, base_dir: Path, sweep_dir: Path) -> Path:
