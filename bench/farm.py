@@ -81,7 +81,7 @@ class MemorySampler:
 def build_features(n_tasks: int, work: Path, seed: int):
     """Procedural features for n_tasks through the real features stage (encoder cache shared across sizes)."""
     from pipelines import features
-    from pipelines.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext, build_config
 
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "default",
                        # Full 1,280-d image features (no projection): the workload the README's figures measure.
@@ -120,9 +120,9 @@ def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int
     """One side-by-side measurement at n_tasks."""
     from orchestrator.cluster import connect, shutdown
     from orchestrator.farm import run_farm
-    from orchestrator.store import WeightStore
+    from orchestrator.storage.store import WeightStore
     from pipelines import experts
-    from pipelines.cli import build_config
+    from pipelines.core.cli import build_config
 
     torch.set_num_threads(threads)
     feats = build_features(n_tasks, work, seed)

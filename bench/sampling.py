@@ -37,9 +37,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    from models.zs_train import task_accuracy
-    from pipelines.zs_data import load_split, read_plan
-    from pipelines.zs_models import load_hyperldm, load_routes
+    from models.zeroshot.training import task_accuracy
+    from pipelines.zeroshot.data import load_split, read_plan
+    from pipelines.zeroshot.trained import load_hyperldm, load_routes
 
     splits, seeds = read_plan(a.run_dir)
     split, seed = a.split or splits[0], seeds[0] if a.seed is None else a.seed

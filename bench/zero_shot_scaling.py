@@ -56,7 +56,7 @@ def main() -> None:
         tables.append(t.assign(meta_train_tasks=n))
         print(f"N={n}: done in {walls[n]:.0f}s", flush=True)
     table = pd.concat(tables, ignore_index=True)
-    from pipelines.results import method_label
+    from pipelines.core.results import method_label
 
     table["label"] = [method_label(m, g, pretty=True) for m, g in zip(table["method"], table["guidance_scale"])]
     piv = table.groupby(["label", "meta_train_tasks"], sort=False)["accuracy"].mean().unstack("meta_train_tasks")

@@ -3,7 +3,7 @@
 Models and samplers apart, as in DiT/diffusers: `Diffusion` holds only the noise schedule (diffusers'
 schedulers) and takes the denoiser as an argument. A denoiser is any callable
 `denoiser(z [B, d_z], t [B] long, c [B, d_c] | None, drop=[B] bool | None) -> eps [B, d_z]`, where
-c=None or drop=True means the null condition ∅ (see `models.denoiser.LatentDenoiser`).
+c=None or drop=True means the null condition ∅ (see `models.zeroshot.denoiser.LatentDenoiser`).
 """
 from __future__ import annotations
 

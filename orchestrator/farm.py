@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from models.expert_training import evaluate_experts, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
-from orchestrator.store import StoreError, WeightStore
-from orchestrator.suite_features import SuiteFeatures, task_batch
+from orchestrator.storage.store import StoreError, WeightStore
+from orchestrator.storage.suite_features import SuiteFeatures, task_batch
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import numpy as np
 from ray import tune
 from tqdm import tqdm
 
-from orchestrator.atomic import write_json
+from orchestrator.storage.atomic import write_json
 
 TUNE_DIR = "tune"  # Tune's experiment storage under the sweep directory
 STATE_FILE = "sweep.json"  # the spec hash, trial count and MLflow parent run of a sweep

@@ -29,7 +29,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from orchestrator.atomic import write_json
+from orchestrator.storage.atomic import write_json
 
 STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
 CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint (DESIGN.md §5)

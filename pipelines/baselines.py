@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.zs_stage import entry_points
-from pipelines.cli import check_range
+from pipelines.zeroshot.stage import entry_points
+from pipelines.core.cli import check_range
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ PRESETS = {"smoke": dict(steps=40, maml_steps=20, d_latent=16, hidden=(32, 32), 
 def train_one(data, seed: int, cfg: BaselinesConfig, hooks):
     """Train multitask, text-conditioned HNet and MAML for one split and seed; returns (state, metrics)."""
     from models.task_net import init_weights
-    from models.zs_train import SharedWeights, TaskFit, TextHNet, fit_task_model, task_accuracy, train_maml_init
+    from models.zeroshot.training import SharedWeights, TaskFit, TextHNet, fit_task_model, task_accuracy, train_maml_init
 
     fit = TaskFit(cfg.steps, cfg.lr, cfg.tasks_per_step, cfg.samples_per_task)
     torch.manual_seed(seed)
@@ -72,6 +72,6 @@ run, track, main = entry_points("baselines")
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

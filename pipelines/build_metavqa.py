@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from orchestrator.atomic import write_json
-from pipelines.cli import guarded
+from orchestrator.storage.atomic import write_json
+from pipelines.core.cli import guarded
 from pipelines.suites import SuiteError, write_task_file
 from pipelines.suites.metavqa import DEFAULT_SEED, build_metavqa
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.cli import RunContext, check_choice, check_range
+from pipelines.core.cli import RunContext, check_choice, check_range
 
 RESULTS = "results"
 
@@ -44,7 +44,7 @@ PRESETS = {"smoke": dict(guidance_scales=(0.0, 1.0), guidance_steps=5, sampler_s
 
 def method_weights(data, seed: int, cfg: EvaluateConfig) -> dict[tuple[str, float | None], torch.Tensor]:
     """{(method, guidance scale or None): raw weights [M, P] for the meta-test tasks} for one split and seed."""
-    from pipelines.zs_models import (
+    from pipelines.zeroshot.trained import (
         Sampling, hyperclip_weights, hyperldm_weights, load_baselines, load_hyperclip, load_hyperldm,
         load_routes, nearest_task,
     )
@@ -69,7 +69,7 @@ def method_weights(data, seed: int, cfg: EvaluateConfig) -> dict[tuple[str, floa
 
 def evaluate_split(data, seed: int, cfg: EvaluateConfig, suite: str) -> list[dict]:
     """Result rows (one per method) of one split and seed."""
-    from models.zs_train import chance_accuracy, task_accuracy
+    from models.zeroshot.training import chance_accuracy, task_accuracy
 
     rows = [dict(suite=suite, split=data.name, method="chance", guidance_scale=None, seed=seed,
                  accuracy=float(chance_accuracy(data.test).mean()), n_tasks=data.test.batch.n)]
@@ -83,9 +83,9 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
     """Evaluate every (split, seed) of the plan; write the results table, CSV and chart."""
     import pandas as pd
 
-    from orchestrator.suite_features import SuiteFeatures
-    from pipelines.results import write_results
-    from pipelines.zs_data import load_split, read_plan
+    from orchestrator.storage.suite_features import SuiteFeatures
+    from pipelines.core.results import write_results
+    from pipelines.zeroshot.data import load_split, read_plan
 
     feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run_dir / "features")
     splits, seeds = read_plan(ctx.run_dir)
@@ -103,7 +103,7 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
 
 def track(out, ctx: RunContext):
     """Mean accuracy per (split, method) as MLflow metrics; the CSV, Markdown and chart as artifacts."""
-    from pipelines.results import method_label
+    from pipelines.core.results import method_label
 
     table, paths = out
     m = {}
@@ -113,12 +113,12 @@ def track(out, ctx: RunContext):
 
 
 def main() -> int:
-    from pipelines.runner import run_stages
+    from pipelines.core.runner import run_stages
 
     return run_stages("evaluate", __doc__)
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

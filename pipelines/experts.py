@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.cli import ConfigError, RunContext, check_choice, check_range
+from pipelines.core.cli import ConfigError, RunContext, check_choice, check_range
 
 INITS = ("shared", "independent")
 
@@ -69,8 +69,8 @@ PRESETS = {
 def run(cfg: ExpertsConfig, ctx: RunContext):
     """Train the missing experts into `<run_dir>/store/weights`; returns the farm summary."""
     from orchestrator.farm import run_farm
-    from orchestrator.store import WeightStore
-    from orchestrator.suite_features import SuiteFeatures
+    from orchestrator.storage.store import WeightStore
+    from orchestrator.storage.suite_features import SuiteFeatures
 
     feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run_dir / "features")
     store = WeightStore(ctx.run_dir / "store" / "weights")
@@ -85,7 +85,7 @@ def run(cfg: ExpertsConfig, ctx: RunContext):
 
 def track(summary, ctx: RunContext):
     """Farm throughput plus mean accuracies per split (read back from the store), and the manifest."""
-    from orchestrator.store import MANIFEST, WeightStore
+    from orchestrator.storage.store import MANIFEST, WeightStore
 
     root = ctx.run_dir / "store" / "weights"
     m = {
@@ -105,12 +105,12 @@ def track(summary, ctx: RunContext):
 
 
 def main() -> int:
-    from pipelines.runner import run_stages
+    from pipelines.core.runner import run_stages
 
     return run_stages("experts", __doc__)
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

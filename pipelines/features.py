@@ -2,7 +2,7 @@
 
     python -m pipelines.features --preset default --set suite=procedural --set n_tasks=3000
 
-Writes `<run_dir>/features/` (see orchestrator.suite_features). Encoder outputs are cached in Parquet
+Writes `<run_dir>/features/` (see orchestrator.storage.suite_features). Encoder outputs are cached in Parquet
 keyed by encoder id and content hash, so a second run (or another run sharing `cache_dir`) encodes
 nothing it has seen.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.cli import ConfigError, RunContext, check_choice, check_range
+from pipelines.core.cli import ConfigError, RunContext, check_choice, check_range
 
 SPLIT_MODES = ("random", "compositional")
 
@@ -123,7 +123,7 @@ def fit_projection(img: np.ndarray, dims: int, path: Path) -> np.ndarray:
     """
     from safetensors.numpy import save_file
 
-    from orchestrator.atomic import atomic_path
+    from orchestrator.storage.atomic import atomic_path
 
     x = img.astype(np.float64)
     mean = x.mean(0)
@@ -144,8 +144,8 @@ def apply_projection(img: np.ndarray, path: Path) -> np.ndarray:
 
 def run(cfg: FeaturesConfig, ctx: RunContext):
     """Build (or reuse) `<run_dir>/features` for this config; returns the SuiteFeatures."""
-    from orchestrator.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
-    from orchestrator.suite_features import FeaturesError, SuiteFeatures
+    from orchestrator.storage.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
+    from orchestrator.storage.suite_features import FeaturesError, SuiteFeatures
 
     out = ctx.run_dir / "features"
     chash = features_hash(cfg)
@@ -225,12 +225,12 @@ def track(feats, ctx: RunContext) -> tuple[dict[str, float], list[Path]]:
 
 
 def main() -> int:
-    from pipelines.runner import run_stages
+    from pipelines.core.runner import run_stages
 
     return run_stages("features", __doc__)
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

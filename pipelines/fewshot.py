@@ -8,7 +8,7 @@ as the zero-shot stages do; given: the features' own) has its meta-train and met
 candidate answer, `queries` queries; every K in turn unless `mixed_shots`) and evaluated on
 `eval_episodes` seeded meta-test episodes per K, the same episodes for every method and seed. Where
 the run has trained zero-shot baselines (pipelines.baselines), their weights fine-tuned on the same
-support sets are scored too (pipelines.fewshot_finetune). One Ray Train launch runs all units: its `num_workers` single-threaded
+support sets are scored too (pipelines.episodic.finetune). One Ray Train launch runs all units: its `num_workers` single-threaded
 workers each train their own share of the units (longest first, to the least-loaded worker), which on
 a small machine beats one worker with more threads; each worker keeps its own model, no DDP. Writes
 `<run_dir>/results/few_shot.{csv,md,png}`. Rerunning the same config resumes: units already in the
@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.cli import ConfigError, RunContext, check_choice, check_range
+from pipelines.core.cli import ConfigError, RunContext, check_choice, check_range
 
 METHODS = ("maml", "fomaml", "hypermaml", "hypertransformer", "metadiff")  # models.fewshot.training.METHODS
 SPLITS = ("random", "compositional", "given")
@@ -142,9 +142,9 @@ RESULT_COLUMNS = ["suite", "split", "method", "shots", "seed", "accuracy", "ci95
 
 
 def split_pools(feats, split: str) -> dict:
-    """{meta_train, meta_test: TaskPool} of `split` (pipelines.zs_data.split_assignment) and the meta-test task ids."""
+    """{meta_train, meta_test: TaskPool} of `split` (pipelines.zeroshot.data.split_assignment) and the meta-test task ids."""
     from models.fewshot.episodes import TaskPool
-    from pipelines.zs_data import split_assignment
+    from pipelines.zeroshot.data import split_assignment
 
     assign = split_assignment(feats, split)
     tasks = feats.tasks.assign(split=feats.tasks["id"].map(assign))
@@ -196,7 +196,7 @@ def fewshot_loop(config: dict) -> None:
     from models.fewshot import training as T
     from models.task_net import TaskNetSpec
     from orchestrator import train
-    from orchestrator.suite_features import SuiteFeatures
+    from orchestrator.storage.suite_features import SuiteFeatures
 
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds synchronisation
     cfg = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
@@ -273,9 +273,9 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
 
     from models.fewshot import training as T
     from orchestrator import train
-    from orchestrator.suite_features import SuiteFeatures
-    from pipelines.fewshot_finetune import finetune_rows
-    from pipelines.fewshot_report import write_results
+    from orchestrator.storage.suite_features import SuiteFeatures
+    from pipelines.episodic.finetune import finetune_rows
+    from pipelines.episodic.report import write_results
 
     feats_dir = (Path(ctx.run_dir) / "features").resolve()
     feats = SuiteFeatures.load(feats_dir)  # fails clearly (FeaturesError) before any Ray work
@@ -318,7 +318,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
 
 def track(out: FewShotResult, ctx: RunContext):
     """Mean accuracy (and mean CI) over seeds per split, method and K, times; the three result files."""
-    from pipelines.fewshot_report import summary
+    from pipelines.episodic.report import summary
 
     m = {}
     for r in summary(out.table).itertuples():
@@ -330,12 +330,12 @@ def track(out: FewShotResult, ctx: RunContext):
 
 
 def main() -> int:
-    from pipelines.runner import run_stages
+    from pipelines.core.runner import run_stages
 
     return run_stages("fewshot", __doc__)
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

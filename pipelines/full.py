@@ -8,8 +8,8 @@
 """
 from __future__ import annotations
 
-from pipelines.cli import guarded
-from pipelines.runner import STAGES, run_stages
+from pipelines.core.cli import guarded
+from pipelines.core.runner import STAGES, run_stages
 
 
 def main() -> int:

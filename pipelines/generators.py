@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.zs_stage import entry_points
-from pipelines.cli import ConfigError, RunContext, check_range
+from pipelines.zeroshot.stage import entry_points
+from pipelines.core.cli import ConfigError, RunContext, check_range
 
 SPLITS = ("random", "compositional", "given")
 
@@ -65,7 +65,7 @@ PRESETS = {
 
 def train_one(data, seed: int, cfg: GeneratorsConfig, hooks):
     """Train HNet (+ latents) and HVAE for one split and seed; returns (state, metrics)."""
-    from models.zs_train import LatentHNet, TaskFit, VaeFit, fit_task_model, task_accuracy, train_hvae
+    from models.zeroshot.training import LatentHNet, TaskFit, VaeFit, fit_task_model, task_accuracy, train_hvae
 
     torch.manual_seed(seed)
     hnet = LatentHNet(data.norm, data.train.batch.n, cfg.d_latent, cfg.hidden, torch.Generator().manual_seed(seed))
@@ -91,8 +91,8 @@ def train_one(data, seed: int, cfg: GeneratorsConfig, hooks):
 
 def run(cfg: GeneratorsConfig, ctx: RunContext):
     """Record the plan, then train every (split, seed) not yet up to date."""
-    from pipelines.zs_data import write_plan
-    from pipelines.zs_launch import train_stage
+    from pipelines.zeroshot.data import write_plan
+    from pipelines.zeroshot.launch import train_stage
 
     write_plan(ctx.run_dir, cfg.splits, cfg.seeds, cfg.val_fraction)
     return train_stage("pipelines.generators", "generators", cfg, ctx)
@@ -102,6 +102,6 @@ _, track, main = entry_points("generators")  # run (above) also writes the plan
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.zs_stage import entry_points
-from pipelines.cli import check_choice, check_range
+from pipelines.zeroshot.stage import entry_points
+from pipelines.core.cli import check_choice, check_range
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ PRESETS = {"smoke": dict(steps=30, hidden=(32,), log_every=10), "default": dict(
 @torch.no_grad()
 def held_out_scores(model, data) -> dict[str, float]:
     """Mean cosine of matched vs mismatched (oracle expert weights, description) pairs on meta-test tasks."""
-    from models.hyperclip import score
+    from models.zeroshot.hyperclip import score
 
     e = model.embed(data.norm.encode(data.w_test))  # [M, d]
     cos = e @ torch.nn.functional.normalize(data.test.c, dim=-1).T  # [M, M]
@@ -60,8 +60,8 @@ def held_out_scores(model, data) -> dict[str, float]:
 
 def train_one(data, seed: int, cfg: HyperClipConfig, hooks):
     """One HyperCLIP per route on (decoded meta-train weights, descriptions); returns (state, metrics)."""
-    from models.zs_train import ClipFit, train_hyperclip
-    from pipelines.zs_models import load_routes
+    from models.zeroshot.training import ClipFit, train_hyperclip
+    from pipelines.zeroshot.trained import load_routes
 
     state, metrics = {}, {}
     for name, route in load_routes(data.run_dir, data, seed).items():
@@ -78,6 +78,6 @@ run, track, main = entry_points("hyperclip")
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.zs_stage import entry_points
-from pipelines.cli import check_choice, check_range
+from pipelines.zeroshot.stage import entry_points
+from pipelines.core.cli import check_choice, check_range
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,8 @@ PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=20), "default"
 
 def train_one(data, seed: int, cfg: HyperLdmConfig, hooks):
     """One HyperLDM per route on (meta-train latents, descriptions); returns (state, metrics)."""
-    from models.zs_train import LdmFit, train_hyperldm
-    from pipelines.zs_models import load_routes
+    from models.zeroshot.training import LdmFit, train_hyperldm
+    from pipelines.zeroshot.trained import load_routes
 
     fit = LdmFit(cfg.steps, cfg.lr, cfg.batch, cfg.hidden, cfg.timesteps, cfg.schedule, cfg.ema_decay, cfg.drop_prob)
     state = {}
@@ -63,6 +63,6 @@ run, track, main = entry_points("hyperldm")
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

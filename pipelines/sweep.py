@@ -17,8 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.cli import ConfigError, RunContext
-from pipelines.sweep_spec import SweepConfig, make_config  # noqa: F401  (the runner builds configs with make_config)
+from pipelines.core.cli import ConfigError, RunContext
+from pipelines.sweeps.spec import SweepConfig, make_config  # noqa: F401  (the runner builds configs with make_config)
 
 CONFIG = SweepConfig
 NEEDS_RAY = True
@@ -39,7 +39,7 @@ class SweepOutput:
 
 def plan_scope(cfg: SweepConfig, run_dir: Path) -> tuple[list[str], list[int]]:
     """The splits and seeds to sweep: the config's, each checked against the run's trained plan."""
-    from pipelines.zs_data import read_plan, read_val_fraction
+    from pipelines.zeroshot.data import read_plan, read_val_fraction
 
     splits, seeds = read_plan(run_dir)
     for name, want, have in (("splits", cfg.splits, splits), ("seeds", cfg.seeds, seeds)):
@@ -64,7 +64,7 @@ def trial_logger(ctx: RunContext, parent_id: str):
 
 def log_trial_fn(ctx: RunContext, parent_id: str, name: str):
     """Driver-side callback: one MLflow child run per finished trial (a warning, not a failure, while MLflow is down)."""
-    from pipelines.sweep_trial import trial_fields
+    from pipelines.sweeps.trial import trial_fields
 
     failed: list[str] = []
     client: list = []  # made on first use: the store may be unreachable when the sweep starts
@@ -94,9 +94,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     import pandas as pd
 
     from orchestrator.sweep import concurrency, read_state, run_trials, write_state
-    from pipelines import sweep_results
-    from pipelines.sweep_spec import expand, spec_hash
-    from pipelines.sweep_trial import DONE, run_trial, trial_fields
+    from pipelines.sweeps import results as sweep_results
+    from pipelines.sweeps.spec import expand, spec_hash
+    from pipelines.sweeps.trial import DONE, run_trial, trial_fields
 
     splits, seeds = plan_scope(cfg, ctx.run_dir)
     sweep_dir = ctx.run_dir / SWEEPS / cfg.name
@@ -168,12 +168,12 @@ def track(out: SweepOutput, ctx: RunContext):
 
 
 def main() -> int:
-    from pipelines.runner import run_stages
+    from pipelines.core.runner import run_stages
 
     return run_stages("sweep", __doc__)
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

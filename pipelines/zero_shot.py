@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.cli import ConfigError
+from pipelines.core.cli import ConfigError
 
 
 def parse(argv: list[str] | None):
-    from pipelines.zs_models import METHODS
+    from pipelines.zeroshot.trained import METHODS
 
     p = argparse.ArgumentParser(prog="python -m pipelines.zero_shot", description=__doc__.strip().splitlines()[0])
     p.add_argument("--tasks", required=True, type=Path, help="JSONL task file (docs/task_file.md)")
@@ -39,13 +39,13 @@ def parse(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     from models.expert_training import pad_batch
-    from models.zs_train import TaskData, task_accuracy
-    from orchestrator.store import WeightStore
+    from models.zeroshot.training import TaskData, task_accuracy
+    from orchestrator.storage.store import WeightStore
     from pipelines import features
-    from pipelines.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext, build_config
     from pipelines.evaluate import EvaluateConfig
-    from pipelines.zs_data import load_split, read_plan
-    from pipelines.zs_models import Sampling, generate
+    from pipelines.zeroshot.data import load_split, read_plan
+    from pipelines.zeroshot.trained import Sampling, generate
 
     args = parse(argv)
     src = args.source.resolve()
@@ -106,6 +106,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from pipelines.cli import guarded
+    from pipelines.core.cli import guarded
 
     guarded(main)()

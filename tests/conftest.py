@@ -29,7 +29,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def smoke_run_dir(tmp_path_factory) -> Path:
     """A run directory whose `features/` holds the smoke preset's features (24 procedural tasks)."""
-    from pipelines.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext, build_config
     from pipelines import features
 
     run_dir = tmp_path_factory.mktemp("smoke")
@@ -68,3 +68,38 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
         [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+@pytest.fixture(scope="module")
+def zs_run_dir(smoke_run_dir, tmp_path_factory):
+    """A run directory with the smoke features and one expert per task (trained here, without Ray)."""
+    from dataclasses import asdict
+
+    import pandas as pd
+    import torch
+
+    from models.expert_training import evaluate_experts, train_experts
+    from models.task_net import TaskNetSpec, WeightLayout, init_weights
+    from orchestrator.storage.store import WeightStore
+    from orchestrator.storage.suite_features import SuiteFeatures
+    from orchestrator.storage.suite_features import task_batch
+
+    run_dir = tmp_path_factory.mktemp("zs") / "run"
+    shutil.copytree(smoke_run_dir / "features", run_dir / "features")
+    feats = SuiteFeatures.load(run_dir / "features")
+    spec = TaskNetSpec(d_img=feats.d_img, d_txt=feats.d_txt)
+    layout = WeightLayout(spec)
+    X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
+    rows = list(feats.tasks.itertuples())
+    b = task_batch(rows, T)
+    w0 = init_weights(spec, 0).expand(b.n, -1)
+    (_, w), = train_experts(layout, X, b, w0, steps=100, lr=1e-3)
+    q_acc, _ = evaluate_experts(layout, X, w, b.prompts, b.answer_mask, b.query_idx, b.query_lab, b.query_n)
+    meta = pd.DataFrame([dict(
+        task_id=r.id, description=r.description, split=r.split, seed=0, step=100, final=True, layout_id=layout.id,
+        support_acc=1.0, support_loss=0.0, query_acc=float(a), query_loss=0.0, config_hash="test",
+    ) for r, a in zip(rows, q_acc)])
+    store = WeightStore(run_dir / "store" / "weights")
+    store.write_shard("shard-00000-test", meta, w.numpy(), {})
+    store.set_info(layout_id=layout.id, n_weights=layout.size, spec=asdict(spec))
+    return run_dir

@@ -36,7 +36,7 @@ from models.fewshot.episodes import EpisodeBatch, batch_accuracy, task_logits
 from models.fewshot.maml import adapt as maml_adapt
 from models.fewshot.maml import query_loss
 from models.fewshot.support import PretrainedExtractor, head_update, hidden_features, random_rotation
-from models.hnet import mlp
+from models.layers import mlp
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 
 

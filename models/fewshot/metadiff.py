@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.denoiser import SinusoidalEmbedding
+from models.layers import SinusoidalEmbedding
 from models.diffusion import Diffusion
 from models.fewshot.episodes import Episode, EpisodeBatch, TaskPool, batch_accuracy, collate, task_loss
 from models.fewshot.support import hidden_features
-from models.hnet import mlp
+from models.layers import mlp
 from models.task_net import TaskNetSpec, WeightLayout
 
 HEAD = ("fc2.weight", "fc2.bias")

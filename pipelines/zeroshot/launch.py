@@ -1,0 +1,123 @@
+"""Train one kind of zero-shot model for every (split, seed) of the run's plan in one Ray Train job.
+
+A stage module provides `train_one(data: SplitData, seed, cfg, hooks) -> (state, metrics)`; this module
+runs it inside `orchestrator.train.launch` (one worker group per stage: starting one costs ~16 s, so
+not one per model). A model whose file exists with the same config is skipped, so rerunning a stage
+resumes where it stopped and retrains only what changed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from models.zeroshot.training import Hooks
+from pipelines.core.cli import RunContext
+from pipelines.zeroshot.data import load_split, model_path, read_plan, read_val_fraction, save_model, store_spec
+
+
+def config_dict(cfg) -> dict:
+    """A stage config as JSON-plain values (what the model's sidecar records)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from(module, values: dict):
+    """Rebuild a stage config from `config_dict` output (JSON lists back to tuples)."""
+    return module.CONFIG(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
+    """True when `path` exists and was trained with exactly `cfg` on the same tasks (seed and split are in the name)."""
+    side = path.with_suffix(".json")
+    if not (path.exists() and side.exists()):
+        return False
+    saved = json.loads(side.read_text())
+    return saved.get("stage_config") == config_dict(cfg) and saved.get("val_fraction", 0.0) == val_fraction
+
+
+def _loop(config: dict) -> None:
+    """train_loop_per_worker: the pending (split, seed) models, one after another.
+
+    With `ddp` every worker takes part in every model (DDP over gloo, a global batch split between
+    workers) and rank 0 writes each model file. Without it, worker r trains models r, r + n, ... on
+    its own (no gradient exchange): on a small machine several small models at once use the cores
+    better than one model split across them. Either way each model file is written atomically, so
+    a rerun skips what finished.
+    """
+    from orchestrator import train as rt
+
+    torch.set_num_threads(config["threads"])
+    module = importlib.import_module(config["module"])
+    cfg = config_from(module, config["cfg"])
+    run_dir = Path(config["run_dir"])
+    ddp = cfg.ddp or rt.world_size() == 1
+    combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
+    data = {}
+    for split, seed in combos:
+        if split not in data:
+            data = {split: load_split(run_dir, split)}  # one split in memory at a time
+        tag = {"split": split, "seed": seed}
+        metrics: dict = {}
+
+        def log(step: int, m: dict, tag=tag, metrics=metrics) -> None:
+            now = {k: (rt.all_mean(v) if ddp else float(torch.as_tensor(v).detach())) for k, v in m.items()}
+            metrics.update(now)  # the latest value of every metric goes into the model's summary
+            if ddp:  # report() is collective; without DDP workers run different models at different times
+                rt.report({"step": step, **tag, **now})
+
+        hooks = Hooks(wrap=rt.prepare if ddp else (lambda m: m), part=rt.shard if ddp else (lambda n: slice(0, n)),
+                      log=log, log_every=config["log_every"])
+        t0 = time.perf_counter()
+        state, extra = module.train_one(data[split], seed, cfg, hooks)
+        summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
+        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "val_fraction": config.get("val_fraction", 0.0),
+                   "train_tasks": len(data[split].train_ids), "metrics": summary}
+        if rt.rank() == 0 or not ddp:
+            save_model(model_path(run_dir, config["kind"], split, seed), state, sidecar)
+        if ddp:  # a Ray Train checkpoint per model, with its config
+            rt.report({"step": 0, **summary}, state=state, config=sidecar)
+
+
+def train_stage(module_name: str, kind: str, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
+    """Train `kind` for every (split, seed) of the plan (or `only` these) not up to date; returns {combo: summary metrics}."""
+    splits, seeds = read_plan(ctx.run_dir)
+    val_fraction = read_val_fraction(ctx.run_dir)
+    store_spec(ctx.run_dir)  # fail here, with the fix in the message, not inside a Ray Train worker
+    combos = [(s, k) for s in splits for k in seeds if only is None or (s, k) in only]
+    todo = [c for c in combos if not up_to_date(model_path(ctx.run_dir, kind, *c), cfg, val_fraction)]
+    if len(todo) < len(combos):
+        ctx.log(f"{kind}: {len(combos) - len(todo)} of {len(combos)} models up to date, {len(todo)} to train")
+    if todo:
+        from orchestrator.train import launch
+
+        cpus = int(ctx.ray.cpus) if ctx.ray is not None else 1
+        workers = cfg.num_workers if cfg.ddp else min(cfg.num_workers, len(todo))
+        threads = max(1, cpus // workers)
+        how = "sharing each model (DDP)" if cfg.ddp else "each training its own models"
+        ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
+        result = launch(
+            _loop,
+            {"module": module_name, "kind": kind, "cfg": config_dict(cfg), "run_dir": str(ctx.run_dir.resolve()),
+             "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction},
+            name=kind, run_dir=ctx.run_dir, num_workers=workers, cpus_per_worker=threads,
+        )
+        ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
+    out = {}
+    for split, seed in combos:
+        side = model_path(ctx.run_dir, kind, split, seed).with_suffix(".json")
+        out[f"{split}-seed{seed}"] = json.loads(side.read_text())["metrics"]
+    return out
+
+
+def stage_metrics(summaries: dict) -> dict[str, float]:
+    """Flatten {combo: metrics} to MLflow metric names like `random-seed0/loss`."""
+    return {f"{combo}/{k}": v for combo, m in summaries.items() for k, v in m.items() if isinstance(v, (int, float))}
+
+
+def model_files(run_dir: Path, kind: str) -> list[Path]:
+    """The model files of `kind` (logged to MLflow as the stage's artifacts)."""
+    return sorted((Path(run_dir) / "models" / kind).glob("*.safetensors"))

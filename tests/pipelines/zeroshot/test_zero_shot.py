@@ -1,0 +1,69 @@
+"""Zero-shot models on real smoke features: HVAE round trips keep expert accuracy; 2 DDP workers match 1."""
+from __future__ import annotations
+
+
+import pandas as pd
+import pytest
+import torch
+
+from models.zeroshot.training import VaeFit, task_accuracy, train_hvae
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_hvae_reconstructions_keep_expert_accuracy_within_2_points(zs_run_dir):
+    from pipelines.zeroshot.data import load_split
+
+    data = load_split(zs_run_dir, "given")
+    wn = data.norm.encode(data.w_train)
+    vae = train_hvae(wn, VaeFit(steps=300, batch=8, d_latent=16, hidden=(64, 64)), seed=0)
+    with torch.no_grad():
+        rec = data.norm.decode(vae.decode(vae.encode(wn)[0]))
+    experts = task_accuracy(data.train, data.w_train).mean()
+    recon = task_accuracy(data.train, rec).mean()
+    assert experts > 0.7, experts  # the experts work (chance is about 0.5), so the comparison means something
+    assert recon >= experts - 0.02, (float(recon), float(experts))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_path):
+    """HNet and HVAE trained by the generators stage's Ray Train loop: 2 workers (DDP, gloo) vs 1."""
+    import ray
+
+    from orchestrator.train import launch
+    from pipelines.generators import GeneratorsConfig
+    from pipelines.zeroshot.data import write_plan
+    from pipelines.zeroshot.launch import _loop, config_dict
+
+    write_plan(zs_run_dir, ("given",), (0,))
+    cfg = GeneratorsConfig(splits=("given",), seeds=(0,), ddp=True, hnet_steps=20, hvae_steps=20, tasks_per_step=8,
+                           hvae_batch=8, d_latent=16, hidden=(32, 32), log_every=2)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        curves = {}
+        for n in (1, 2):
+            loop_cfg = {"module": "pipelines.generators", "kind": f"generators-{n}w", "cfg": config_dict(cfg),
+                        "run_dir": str(zs_run_dir), "combos": [("given", 0)], "threads": 1, "log_every": 2}
+            res = launch(_loop, loop_cfg, name=f"ddp-{n}", run_dir=tmp_path, num_workers=n)
+            curves[n] = pd.DataFrame([m for m in res.metrics if m["step"] > 0])
+    finally:
+        ray.shutdown()
+    one, two = curves[1], curves[2]
+    for col in ("hnet_loss", "hvae_loss"):
+        a, b = torch.tensor(one[col].dropna().values), torch.tensor(two[col].dropna().values)
+        assert len(a) == len(b) == 10
+        assert torch.allclose(a, b, rtol=1e-3), (col, a, b)
+
+
+
+def test_zero_shot_cli_without_a_trained_run_is_one_clear_line(tmp_path):
+    from tests.conftest import run_cli
+
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text('{"id": "a", "description": "is it red?", "answers": ["no", "yes"], "examples": []}\n')
+    r = run_cli("pipelines.zero_shot", "--tasks", str(tasks), "--from", str(tmp_path / "no-run"))
+    assert r.returncode == 2 and "no trained generators" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    r = run_cli("pipelines.zero_shot", "--tasks", str(tasks), "--from", str(tmp_path), "--method", "telepathy")
+    assert r.returncode == 2 and "invalid choice: 'telepathy'" in r.stderr
+    assert not (tmp_path / "no-run").exists(), "a failed call must not create the run directory"
