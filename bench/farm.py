@@ -86,7 +86,7 @@ def build_features(n_tasks: int, work: Path, seed: int):
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "default",
                        # Full 1,280-d image features (no projection): the workload the README's figures measure.
                        ["suite=procedural", f"n_tasks={n_tasks}", f"cache_dir={work / 'cache'}", "image_dims=0"], seed)
-    return features.run(cfg, RunContext(run_dir=work / f"n{n_tasks}-s{seed}", progress=False))
+    return features.run(cfg, RunContext(run=work / f"n{n_tasks}-s{seed}", progress=False))
 
 
 def naive_experts(feats, rows: list[int], cfg) -> tuple[float, list[float]]:

@@ -37,15 +37,15 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    from models.zeroshot.training import task_accuracy
+    from models.zeroshot.tasks import task_accuracy
     from pipelines.zeroshot.data import load_split, read_plan
-    from pipelines.zeroshot.trained import load_hyperldm, load_routes
+    from pipelines.zeroshot.trained import TrainedModels
 
     splits, seeds = read_plan(a.run_dir)
     split, seed = a.split or splits[0], seeds[0] if a.seed is None else a.seed
     data = load_split(a.run_dir, split)
-    route = load_routes(a.run_dir, data, seed)[a.route]
-    ldm = load_hyperldm(a.run_dir, data, seed, route.z_train.shape[1])[a.route]
+    models = TrainedModels(a.run_dir, data, seed)
+    route, ldm = models.routes[a.route], models.hyperldms[a.route]
     c = data.test.c
     res = {}
     for name, kw in (("ddim", dict(sampler="ddim", steps=a.ddim_steps)), ("ddpm", dict(sampler="ddpm"))):

@@ -30,11 +30,12 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, prepare_model
 
 from orchestrator.storage.atomic import write_json
+from orchestrator.storage.rundir import RunDir
 
 STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
 CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint (DESIGN.md §5)
 METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a resumed run keep its curve
-STORAGE_DIR = "ray_train"  # under run_dir; Ray Train V2 needs an absolute storage_path
+
 
 
 class TrainError(RuntimeError):
@@ -66,7 +67,7 @@ def launch(
     cpus_per_worker: int = 1,
 ) -> TrainResult:
     """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume."""
-    storage = (Path(run_dir) / STORAGE_DIR).resolve()
+    storage = RunDir.of(run_dir).ray_train
     storage.mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker=functools.partial(_entry, loop),

@@ -48,18 +48,21 @@ NEEDS_RAY = True
 PRESETS = {"smoke": dict(steps=40, maml_steps=20, d_latent=16, hidden=(32, 32), log_every=20), "default": dict()}
 
 
-def train_one(data, seed: int, cfg: BaselinesConfig, hooks):
+def train_one(run, data, seed: int, cfg: BaselinesConfig, hooks):
     """Train multitask, text-conditioned HNet and MAML for one split and seed; returns (state, metrics)."""
     from models.task_net import init_weights
-    from models.zeroshot.training import SharedWeights, TaskFit, TextHNet, fit_task_model, task_accuracy, train_maml_init
+    from models.zeroshot.tasks import task_accuracy
+    from models.zeroshot.task_models import SharedWeights, TextHNet, fit_task_model, train_maml_init
 
-    fit = TaskFit(cfg.steps, cfg.lr, cfg.tasks_per_step, cfg.samples_per_task)
+    fit = dict(lr=cfg.lr, tasks_per_step=cfg.tasks_per_step, samples_per_task=cfg.samples_per_task)
     torch.manual_seed(seed)
-    multitask = fit_task_model(SharedWeights(init_weights(data.layout.spec, seed)), data.train, fit, seed, hooks.prefixed("multitask_"))
+    multitask = fit_task_model(SharedWeights(init_weights(data.layout.spec, seed)), data.train, seed,
+                               hooks.prefixed("multitask_"), steps=cfg.steps, **fit)
     torch.manual_seed(seed)
-    text = fit_task_model(TextHNet(data.norm, data.train.c.shape[1], cfg.d_latent, cfg.hidden), data.train, fit, seed, hooks.prefixed("text_hnet_"))
-    mfit = TaskFit(cfg.maml_steps, cfg.lr, cfg.tasks_per_step, cfg.samples_per_task)
-    maml = train_maml_init(data.train, mfit, cfg.maml_inner_steps, cfg.maml_inner_lr, seed, hooks.prefixed("maml_"))
+    text = fit_task_model(TextHNet(data.norm, data.train.c.shape[1], cfg.d_latent, cfg.hidden), data.train, seed,
+                          hooks.prefixed("text_hnet_"), steps=cfg.steps, **fit)
+    maml = train_maml_init(data.train, seed, hooks.prefixed("maml_"), steps=cfg.maml_steps, **fit,
+                           inner_steps=cfg.maml_inner_steps, inner_lr=cfg.maml_inner_lr)
     rows = torch.arange(data.train.batch.n)
     metrics = {f"{k}_train_query_acc": float(task_accuracy(data.train, m(rows, data.train.c).detach()).mean())
                for k, m in (("multitask", multitask), ("text_hnet", text), ("maml", maml))}
@@ -68,7 +71,7 @@ def train_one(data, seed: int, cfg: BaselinesConfig, hooks):
     return state, metrics
 
 
-run, track, main = entry_points("baselines")
+run, track, main = entry_points("baselines", train_one)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def run(cfg: ExpertsConfig, ctx: RunContext):
     from orchestrator.storage.store import WeightStore
     from orchestrator.storage.suite_features import SuiteFeatures
 
-    feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run_dir / "features")
-    store = WeightStore(ctx.run_dir / "store" / "weights")
+    feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run.features)
+    store = WeightStore(ctx.run.store)
     summary = run_farm(feats, cfg, store, progress=ctx.progress, log=ctx.log)
     if summary.experts_trained:
         ctx.log(
@@ -87,7 +87,7 @@ def track(summary, ctx: RunContext):
     """Farm throughput plus mean accuracies per split (read back from the store), and the manifest."""
     from orchestrator.storage.store import MANIFEST, WeightStore
 
-    root = ctx.run_dir / "store" / "weights"
+    root = ctx.run.store
     m = {
         "experts_trained": summary.experts_trained, "shards_trained": summary.shards_trained,
         "shards_skipped": summary.shards_skipped, "shards_redone": len(summary.shards_redone),

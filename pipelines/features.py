@@ -147,7 +147,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
     from orchestrator.storage.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
     from orchestrator.storage.suite_features import FeaturesError, SuiteFeatures
 
-    out = ctx.run_dir / "features"
+    out = ctx.run.features
     chash = features_hash(cfg)
     reuse = (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash
     if reuse and not cfg.export_tasks:
@@ -172,7 +172,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
 
         raise SuiteError("the suite has no tasks: check the task file or the suite settings")
     text_enc, image_enc = make_encoders(cfg)
-    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else ctx.run_dir / "cache" / "features")
+    cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else ctx.run.feature_cache)
     used = sorted({int(i) for t in suite.tasks for i in np.concatenate([t.support_images, t.query_images])})
     remap = np.full(len(suite.images), -1, dtype=np.int64)
     remap[used] = np.arange(len(used))
@@ -221,7 +221,7 @@ def track(feats, ctx: RunContext) -> tuple[dict[str, float], list[Path]]:
         m[f"tasks_{split}"] = int(n)
     m["answers_per_task_mean"] = float(t["answers"].map(len).mean())
     m["support_per_task_mean"] = float(t["support_images"].map(len).mean())
-    return m, [ctx.run_dir / "features" / "info.json"]
+    return m, [ctx.run.features / "info.json"]
 
 
 def main() -> int:

@@ -277,7 +277,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     from pipelines.episodic.finetune import finetune_rows
     from pipelines.episodic.report import write_results
 
-    feats_dir = (Path(ctx.run_dir) / "features").resolve()
+    feats_dir = ctx.run.features
     feats = SuiteFeatures.load(feats_dir)  # fails clearly (FeaturesError) before any Ray work
     suite = feats.info.get("suite", "unknown")
     pools = {sp: split_pools(feats, sp) for sp in cfg.splits}  # fails clearly (ConfigError) for a split the suite lacks
@@ -287,7 +287,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     name = f"fewshot-{config_hash({k: v for k, v in base.items() if k not in RESUME_NEUTRAL})}"
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "
             f"on {cfg.num_workers} workers -> Ray Train run {name}")
-    res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run_dir, num_workers=cfg.num_workers)
+    res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers)
     rows, timings = [], {"launch": res.wall_s}
     for split in cfg.splits:
         label = split_label(feats, split)
@@ -306,14 +306,14 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
         test_pool = pools[split]["meta_test"]
         episodes = {k: T.eval_episodes(test_pool, k, cfg.eval_episodes, cfg.queries, cfg.seed) for k in cfg.shots}
         t0 = time.perf_counter()
-        rows += finetune_rows(ctx.run_dir, split, label, feats, pools[split]["test_ids"], test_pool, episodes, cfg, ctx.log)
+        rows += finetune_rows(ctx.run, split, label, feats, pools[split]["test_ids"], test_pool, episodes, cfg, ctx.log)
         timings["finetune"] = timings.get("finetune", 0.0) + time.perf_counter() - t0
         for k in cfg.shots:
             mean, ci = T.mean_ci95(T.chance(episodes[k], test_pool))
             rows.append(dict(split=label, method="chance", shots=k, seed=None, accuracy=mean, ci95=ci,
                              episodes=cfg.eval_episodes, train_s=None, eval_s=None))
     table = pd.DataFrame([{"suite": suite, **r} for r in rows], columns=RESULT_COLUMNS).astype({"seed": "Int64"})
-    return FewShotResult(table, write_results(table, Path(ctx.run_dir) / "results", cfg), timings)
+    return FewShotResult(table, write_results(table, ctx.run.results, cfg), timings)
 
 
 def track(out: FewShotResult, ctx: RunContext):

@@ -63,17 +63,19 @@ PRESETS = {
 }
 
 
-def train_one(data, seed: int, cfg: GeneratorsConfig, hooks):
+def train_one(run, data, seed: int, cfg: GeneratorsConfig, hooks):
     """Train HNet (+ latents) and HVAE for one split and seed; returns (state, metrics)."""
-    from models.zeroshot.training import LatentHNet, TaskFit, VaeFit, fit_task_model, task_accuracy, train_hvae
+    from models.zeroshot.tasks import task_accuracy
+    from models.zeroshot.task_models import LatentHNet, fit_task_model
+    from models.zeroshot.training import train_hvae
 
     torch.manual_seed(seed)
     hnet = LatentHNet(data.norm, data.train.batch.n, cfg.d_latent, cfg.hidden, torch.Generator().manual_seed(seed))
-    fit = TaskFit(cfg.hnet_steps, cfg.hnet_lr, cfg.tasks_per_step, cfg.samples_per_task)
-    fit_task_model(hnet, data.train, fit, seed, hooks.prefixed("hnet_"))
+    fit_task_model(hnet, data.train, seed, hooks.prefixed("hnet_"), steps=cfg.hnet_steps, lr=cfg.hnet_lr,
+                   tasks_per_step=cfg.tasks_per_step, samples_per_task=cfg.samples_per_task)
     wn = data.norm.encode(data.w_train)
-    vfit = VaeFit(cfg.hvae_steps, cfg.hvae_lr, cfg.hvae_batch, cfg.hvae_beta, cfg.d_latent, cfg.hidden)
-    vae = train_hvae(wn, vfit, seed, hooks.prefixed("hvae_"))
+    vae = train_hvae(wn, seed, hooks.prefixed("hvae_"), steps=cfg.hvae_steps, lr=cfg.hvae_lr, batch=cfg.hvae_batch,
+                     beta=cfg.hvae_beta, d_latent=cfg.d_latent, hidden=cfg.hidden)
     with torch.no_grad():
         mu = vae.encode(wn)[0]  # [N, d] the HVAE latents of the meta-train experts
         rows = torch.arange(data.train.batch.n)
@@ -89,16 +91,14 @@ def train_one(data, seed: int, cfg: GeneratorsConfig, hooks):
     return state, metrics
 
 
-def run(cfg: GeneratorsConfig, ctx: RunContext):
-    """Record the plan, then train every (split, seed) not yet up to date."""
+def record_plan(cfg: GeneratorsConfig, ctx: RunContext) -> None:
+    """The (split, seed) pairs and validation share every later zero-shot stage follows."""
     from pipelines.zeroshot.data import write_plan
-    from pipelines.zeroshot.launch import train_stage
 
-    write_plan(ctx.run_dir, cfg.splits, cfg.seeds, cfg.val_fraction)
-    return train_stage("pipelines.generators", "generators", cfg, ctx)
+    write_plan(ctx.run, cfg.splits, cfg.seeds, cfg.val_fraction)
 
 
-_, track, main = entry_points("generators")  # run (above) also writes the plan
+run, track, main = entry_points("generators", train_one, prepare=record_plan)
 
 
 if __name__ == "__main__":

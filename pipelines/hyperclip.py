@@ -58,23 +58,24 @@ def held_out_scores(model, data) -> dict[str, float]:
             "test_top1": float((cos.argmax(1) == torch.arange(len(cos))).float().mean())}
 
 
-def train_one(data, seed: int, cfg: HyperClipConfig, hooks):
+def train_one(run, data, seed: int, cfg: HyperClipConfig, hooks):
     """One HyperCLIP per route on (decoded meta-train weights, descriptions); returns (state, metrics)."""
-    from models.zeroshot.training import ClipFit, train_hyperclip
-    from pipelines.zeroshot.trained import load_routes
+    from models.zeroshot.training import train_hyperclip
+    from pipelines.zeroshot.trained import TrainedModels
 
     state, metrics = {}, {}
-    for name, route in load_routes(data.run_dir, data, seed).items():
+    for name, route in TrainedModels(run, data, seed).routes.items():
         with torch.no_grad():  # [N, P] normalised weights
             experts = name == "hvae" and cfg.hvae_inputs == "experts"
             v = data.norm.encode(data.w_train) if experts else route.decode_n(route.z_train)
-        model = train_hyperclip(v, data.train.c, ClipFit(cfg.steps, cfg.lr, cfg.hidden, cfg.batch), seed, hooks.prefixed(f"{name}_"))
+        model = train_hyperclip(v, data.train.c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
+                                hidden=cfg.hidden, batch=cfg.batch)
         state.update({f"{name}.{k}": t for k, t in model.state_dict().items()})
         metrics.update({f"{name}_{k}": x for k, x in held_out_scores(model, data).items()})
     return state, metrics
 
 
-run, track, main = entry_points("hyperclip")
+run, track, main = entry_points("hyperclip", train_one)
 
 
 if __name__ == "__main__":

@@ -45,21 +45,22 @@ NEEDS_RAY = True
 PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=20), "default": dict()}
 
 
-def train_one(data, seed: int, cfg: HyperLdmConfig, hooks):
+def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
     """One HyperLDM per route on (meta-train latents, descriptions); returns (state, metrics)."""
-    from models.zeroshot.training import LdmFit, train_hyperldm
-    from pipelines.zeroshot.trained import load_routes
+    from models.zeroshot.training import train_hyperldm
+    from pipelines.zeroshot.trained import TrainedModels
 
-    fit = LdmFit(cfg.steps, cfg.lr, cfg.batch, cfg.hidden, cfg.timesteps, cfg.schedule, cfg.ema_decay, cfg.drop_prob)
     state = {}
-    for name, route in load_routes(data.run_dir, data, seed).items():
-        ldm = train_hyperldm(route.z_train, data.train.c, fit, seed, hooks.prefixed(f"{name}_"))
+    for name, route in TrainedModels(run, data, seed).routes.items():
+        ldm = train_hyperldm(route.z_train, data.train.c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
+                             batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps, schedule=cfg.schedule,
+                             ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
         state.update({f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()})
         state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
     return state, {}
 
 
-run, track, main = entry_points("hyperldm")
+run, track, main = entry_points("hyperldm", train_one)
 
 
 if __name__ == "__main__":

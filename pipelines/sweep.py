@@ -23,7 +23,6 @@ from pipelines.sweeps.spec import SweepConfig, make_config  # noqa: F401  (the r
 CONFIG = SweepConfig
 NEEDS_RAY = True
 PRESETS = {"smoke": dict(params={"guidance_scale": [0.0, 1.0], "guidance_steps": [5], "sampler_steps": [5]}), "default": dict()}
-SWEEPS = "sweeps"
 
 
 @dataclass
@@ -37,18 +36,18 @@ class SweepOutput:
     reused: int  # trials answered from an earlier run of this sweep
 
 
-def plan_scope(cfg: SweepConfig, run_dir: Path) -> tuple[list[str], list[int]]:
+def plan_scope(cfg: SweepConfig, run) -> tuple[list[str], list[int]]:
     """The splits and seeds to sweep: the config's, each checked against the run's trained plan."""
     from pipelines.zeroshot.data import read_plan, read_val_fraction
 
-    splits, seeds = read_plan(run_dir)
+    splits, seeds = read_plan(run)
     for name, want, have in (("splits", cfg.splits, splits), ("seeds", cfg.seeds, seeds)):
         missing = [v for v in want if v not in have]
         if missing:
-            raise ConfigError(f"{name}={missing} has no trained models in {run_dir} (trained: {have}); "
+            raise ConfigError(f"{name}={missing} has no trained models in {run.root} (trained: {have}); "
                               f"sweep a subset of those or retrain with --set generators.{name}=...")
-    if read_val_fraction(run_dir) <= 0:
-        raise ConfigError(f"the models in {run_dir} were trained without a validation split (generators.val_fraction=0), "
+    if read_val_fraction(run) <= 0:
+        raise ConfigError(f"the models in {run.root} were trained without a validation split (generators.val_fraction=0), "
                           "so no setting can be chosen without peeking at meta-test; retrain with generators.val_fraction>0")
     return list(cfg.splits or splits), list(cfg.seeds or seeds)
 
@@ -98,11 +97,11 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     from pipelines.sweeps.spec import expand, spec_hash
     from pipelines.sweeps.trial import DONE, run_trial, trial_fields
 
-    splits, seeds = plan_scope(cfg, ctx.run_dir)
-    sweep_dir = ctx.run_dir / SWEEPS / cfg.name
+    splits, seeds = plan_scope(cfg, ctx.run)
+    sweep_dir = ctx.run.sweep(cfg.name)
     trials = expand(cfg, splits, seeds)
     for t in trials:
-        t.update(run_dir=str(ctx.run_dir.resolve()), sweep_dir=str(sweep_dir.resolve()), threads=max(1, int(cfg.cpus_per_trial)))
+        t.update(run_dir=str(ctx.run.root), sweep_dir=str(sweep_dir.resolve()), threads=max(1, int(cfg.cpus_per_trial)))
     digest, state = spec_hash(trials), read_state(sweep_dir)
     n_done = len({p.stem for p in (sweep_dir / DONE).glob("*.json")} & {t["key"] for t in trials})
     finished = n_done == len(trials)

@@ -11,6 +11,7 @@ The last line is one JSON object: mean_accuracy, tasks, method, guidance, split,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -23,13 +24,15 @@ from pipelines.core.cli import ConfigError
 
 
 def parse(argv: list[str] | None):
-    from pipelines.zeroshot.trained import METHODS
+    from pipelines.zeroshot.methods import GENERATIVE
+    from pipelines.zeroshot.sampling import SamplingSettings
 
     p = argparse.ArgumentParser(prog="python -m pipelines.zero_shot", description=__doc__.strip().splitlines()[0])
     p.add_argument("--tasks", required=True, type=Path, help="JSONL task file (docs/task_file.md)")
     p.add_argument("--from", dest="source", required=True, type=Path, help="run directory of a finished pipelines.full run")
-    p.add_argument("--method", default="hnet_hyperldm", choices=METHODS, help="generation method (default hnet_hyperldm)")
-    p.add_argument("--guidance", type=float, default=1.0, help="HyperLDM classifier-free guidance scale γ (default 1)")
+    p.add_argument("--method", default="hnet_hyperldm", choices=GENERATIVE, help="generation method (default hnet_hyperldm)")
+    p.add_argument("--guidance", type=float, default=SamplingSettings.guidance_scale,
+                   help=f"HyperLDM classifier-free guidance scale γ (default {SamplingSettings.guidance_scale:g})")
     p.add_argument("--split", default=None, help="which split's models to use (default: the run's first)")
     p.add_argument("--seed", type=int, default=None, help="which training seed's models to use (default: the run's first)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default <run>/zero_shot/<task file name>)")
@@ -39,16 +42,18 @@ def parse(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     from models.expert_training import pad_batch
-    from models.zeroshot.training import TaskData, task_accuracy
+    from models.zeroshot.tasks import TaskData, task_accuracy
     from orchestrator.storage.store import WeightStore
     from pipelines import features
+    from orchestrator.storage.rundir import RunDir
     from pipelines.core.cli import RunContext, build_config
     from pipelines.evaluate import EvaluateConfig
     from pipelines.zeroshot.data import load_split, read_plan
-    from pipelines.zeroshot.trained import Sampling, generate
+    from pipelines.zeroshot.methods import generate
+    from pipelines.zeroshot.trained import TrainedModels
 
     args = parse(argv)
-    src = args.source.resolve()
+    src = RunDir(args.source)
     if not args.tasks.is_file():
         raise ConfigError(f"--tasks {args.tasks}: no such file; give a JSONL task file (docs/task_file.md)")
     splits, seeds = read_plan(src)
@@ -56,19 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     seed = seeds[0] if args.seed is None else args.seed
     if split not in splits or seed not in seeds:
         raise ConfigError(f"--split {split} --seed {seed}: the run trained splits {splits} and seeds {seeds}")
-    info = json.loads((src / "features" / "info.json").read_text())
+    info = json.loads((src.features / "info.json").read_text())
     if "config" not in info:
-        raise ConfigError(f"{src}/features/info.json does not record its features config; rerun the features stage of that run")
-    out = (args.out or src / "zero_shot" / args.tasks.stem).resolve()
+        raise ConfigError(f"{src.features}/info.json does not record its features config; rerun the features stage of that run")
+    out = RunDir((args.out or src.root / "zero_shot" / args.tasks.stem))
     # The run's encoder settings, the new task file; every task is a generation target.
     keep = {k: v for k, v in info["config"].items() if k not in ("tasks_file", "export_tasks", "cache_dir")}
     overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in keep.items()]
     # image_dims=0: encode at full width, then apply the run's own projection (not one refit here).
-    overrides += [f"tasks_file={args.tasks.resolve()}", f"cache_dir={src / 'cache' / 'features'}", "image_dims=0"]
+    overrides += [f"tasks_file={args.tasks.resolve()}", f"cache_dir={src.feature_cache}", "image_dims=0"]
     fcfg = build_config(features.FeaturesConfig, features.PRESETS, "default", overrides)
-    ctx = RunContext(run_dir=out, progress=not args.no_progress)
+    ctx = RunContext(run=out, progress=not args.no_progress)
     feats = features.run(fcfg, ctx)
-    projection = src / "features" / features.PROJECTION_FILE
+    projection = src.features / features.PROJECTION_FILE
     if projection.exists():
         feats.image_feats = features.apply_projection(feats.image_feats, projection)
     if feats.d_txt != info["d_txt"] or feats.d_img != info["d_img"]:
@@ -81,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               torch.as_tensor(np.concatenate([r.support_labels, r.query_labels]))) for r in rows]
     batch = pad_batch([T[torch.tensor(r.prompt_texts)] for r in rows], every, every)
     c = T[torch.tensor([int(r.desc_text) for r in rows])]
-    ev = EvaluateConfig()
-    s = Sampling(ev.guidance_steps, ev.guidance_lr, ev.guidance_l2, ev.sampler, ev.sampler_steps)
-    w = generate(args.method, data, seed, c, s, args.guidance)  # [n_tasks, P]
+    sampling = dataclasses.replace(EvaluateConfig().sampling, guidance_scale=args.guidance)
+    w = generate(args.method, TrainedModels(src, data, seed), c, sampling)  # [n_tasks, P]
     labelled = batch.query_n > 0
     acc = task_accuracy(TaskData(data.layout, X, batch, c), w) if labelled.any() else torch.full((len(rows),), float("nan"))
 
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         support_acc=float("nan"), support_loss=float("nan"), query_acc=float(a), query_loss=float("nan"),
         config_hash=f"zero-shot:{args.method}:{args.guidance:g}:{split}:{seed}",
     ) for r, a in zip(rows, acc)])
-    store = WeightStore(out / "store" / "weights")
+    store = WeightStore(out.store)
     store.write_shard(f"zero-shot-{args.method}", meta, w.numpy(), {"source_run": str(src), "method": args.method})
     store.set_info(layout_id=data.layout.id, n_weights=data.layout.size, spec=asdict(data.layout.spec))
     for r, a, n in zip(rows, acc.tolist(), batch.query_n.tolist()):
@@ -101,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = float(scored.mean()) if len(scored) else None
     print(json.dumps({"mean_accuracy": mean, "tasks": len(rows), "tasks_scored": int(labelled.sum()),
                       "method": args.method, "guidance": args.guidance, "split": split, "seed": seed,
-                      "store": str(out / "store" / "weights")}))
+                      "store": str(out.store)}))
     return 0
 
 

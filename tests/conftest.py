@@ -34,7 +34,7 @@ def smoke_run_dir(tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("smoke")
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "smoke", [])
-    features.run(cfg, RunContext(run_dir=run_dir, progress=False))
+    features.run(cfg, RunContext(run=run_dir, progress=False))
     return run_dir
 
 

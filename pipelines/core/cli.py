@@ -14,7 +14,10 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from orchestrator.storage.rundir import RunDir
 
 PRESETS = ("smoke", "default")
 
@@ -90,13 +93,18 @@ def check_range(name: str, value, lo=None, hi=None) -> None:
 class RunContext:
     """What a stage needs besides its config: where to write, how to reach Ray and MLflow."""
 
-    run_dir: Path
+    run: "RunDir"  # every path of the run (orchestrator.storage.rundir)
     address: str | None = None
     progress: bool = True
     tracker: Any = None
     ray: Any = None
     timings: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)  # in-memory outputs of the stages run so far
+
+    def __post_init__(self):
+        from orchestrator.storage.rundir import RunDir
+
+        self.run = RunDir.of(self.run)  # callers may pass a path
 
     def log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -117,7 +125,7 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def prepare_run_dir(run_dir: Path) -> Path:
-    """Create the run directory, failing clearly when it cannot be written."""
+    """Create the run directory, failing clearly when it cannot be written; returns its absolute path."""
     run_dir = Path(run_dir).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

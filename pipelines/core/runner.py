@@ -60,13 +60,15 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     cfgs = {s: (getattr(mods[s], "make_config", None) or functools.partial(build_config, mods[s].CONFIG))(
         mods[s].PRESETS, args.preset, routed[s], args.seed) for s in stages}
 
-    run_dir = prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset))
-    ctx = RunContext(run_dir=run_dir, address=args.address, progress=not args.no_progress)
+    from orchestrator.storage.rundir import RunDir
+
+    run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
+    ctx = RunContext(run=run, address=args.address, progress=not args.no_progress)
     t_start = time.perf_counter()
     from orchestrator.tracking.tracker import Tracker
 
-    ctx.tracker = Tracker(run_dir)
-    ctx.log(f"run directory: {run_dir}")
+    ctx.tracker = Tracker(run.root)
+    ctx.log(f"run directory: {run.root}")
     ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
     try:
         if any(mods[s].NEEDS_RAY for s in stages):
@@ -91,7 +93,7 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
                 ctx.log(f"stage {s}: done in {ctx.timings[f'{s}_s']:.1f}s")
             ctx.timings["total_s"] = time.perf_counter() - t_start
             ctx.tracker.metrics({f"time_{k}": v for k, v in ctx.timings.items()})
-            write_json(run_dir / "timings.json", ctx.timings)
+            write_json(run.timings, ctx.timings)
     finally:
         if ctx.ray is not None:
             from orchestrator.cluster import shutdown

@@ -1,6 +1,6 @@
-"""Few-shot rows for the run's zero-shot models given the same support sets (issue 5, item 3).
+"""Few-shot rows for the run's zero-shot models given the same support sets.
 
-For every (split, training seed) whose zero-shot baselines exist in `<run_dir>/models/baselines/`,
+For every (split, training seed) whose zero-shot baselines the run trained,
 each meta-test task gets the weights a zero-shot model makes for it (its description for the
 text-conditioned hypernetwork; the one shared network for multitask), and those are fine-tuned on
 each episode's support set (models.fewshot.finetune) and scored on its queries: the same seeded
@@ -16,26 +16,31 @@ from typing import Callable
 import numpy as np
 import torch
 
+from orchestrator.storage.rundir import RunDir
+
 FINETUNED = {"finetune_multitask": "multitask", "finetune_text_hnet": "text_hnet"}  # row name -> zero-shot method
 
 
 def finetune_rows(
-    run_dir, split: str, label: str, feats, test_ids: list[str], pool, episodes: dict, cfg, log: Callable[[str], None],
+    run, split: str, label: str, feats, test_ids: list[str], pool, episodes: dict, cfg, log: Callable[[str], None],
 ) -> list[dict]:
     """Result rows (split=label) of every fine-tuned zero-shot model of `split`; [] with a log line when the run has none."""
     from models.fewshot import training as T
     from models.fewshot.episodes import collate
     from models.fewshot.finetune import finetuned_accuracy
-    from pipelines.zeroshot.data import ZeroShotError, load_split, model_path
-    from pipelines.zeroshot.trained import Sampling, generate, load_hyperldm, load_routes
+    from pipelines.zeroshot.data import ZeroShotError, load_split
+    from pipelines.zeroshot.methods import generate
+    from pipelines.zeroshot.sampling import SamplingSettings
+    from pipelines.zeroshot.trained import TrainedModels
 
-    seeds = [s for s in cfg.seeds if model_path(run_dir, "baselines", split, s).exists()]
+    run = RunDir.of(run)
+    seeds = [s for s in cfg.seeds if run.model("baselines", split, s).exists()]
     if not seeds:
-        log(f"fewshot: no zero-shot baselines for split {split!r} in {run_dir}/models/baselines "
+        log(f"fewshot: no zero-shot baselines for split {split!r} in {run.model_dir('baselines')} "
             f"(run pipelines.generators and pipelines.baselines first): fine-tuning rows skipped")
         return []
     try:
-        data = load_split(run_dir, split, feats)
+        data = load_split(run, split, feats)
     except ZeroShotError as e:
         log(f"fewshot: fine-tuning rows of split {split!r} skipped: {e}")
         return []
@@ -55,15 +60,15 @@ def finetune_rows(
         log(f"  {label} {name} K={k} seed {seed}: {mean:.3f} ± {ci:.3f}")
 
     for seed in seeds:
+        models = TrainedModels(run, data, seed)
         for name, zs in FINETUNED.items():
-            w_task = generate(zs, data, seed, data.test.c, Sampling())[to_data]  # [N_test, P] in pool order
+            w_task = generate(zs, models, data.test.c, SamplingSettings())[to_data]  # [N_test, P] in pool order
             for k in episodes:
                 score(name, seed, k, lambda b: finetuned_accuracy(data.layout, w_task[b.task], b, cfg.finetune_steps, cfg.finetune_lr))
-        if not all(model_path(run_dir, kind, split, seed).exists() for kind in ("generators", "hyperldm")):
+        if not all(run.model(kind, split, seed).exists() for kind in ("generators", "hyperldm")):
             log(f"fewshot: no HyperLDM for split {split!r} seed {seed}: its rows skipped")
             continue
-        route = load_routes(run_dir, data, seed)["hnet"]
-        ldm = load_hyperldm(run_dir, data, seed, route.z_train.shape[1])["hnet"]
+        route, ldm = models.routes["hnet"], models.hyperldms["hnet"]
         c_task = data.test.c[to_data]  # [N_test, d_txt] descriptions in pool order
         for name, scale in (("hnet_hyperldm", 0.0), ("hnet_hyperldm_support_guided", cfg.ldm_support_scale)):
             for k in episodes:

@@ -26,22 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipelines.core.cli import ConfigError, check_choice, check_range
+from pipelines.zeroshot.methods import METHODS
+from pipelines.zeroshot.sampling import SWEEP_GUIDANCE_GRID, SamplingSettings
 
-# sampling parameters -> (type, default grid); the defaults are the evaluate stage's settings
-SAMPLING = {
-    "guidance_scale": (float, (0.0, 0.5, 1.0, 1.5, 2.0, 4.0, 7.5, 15.0)),
-    "guidance_steps": (int, (50,)),
-    "guidance_lr": (float, (3e-2,)),
-    "guidance_l2": (float, (0.0,)),
-    "sampler": (str, ("ddim",)),
-    "sampler_steps": (int, (50,)),
-}
-USES = {"hyperldm": ("guidance_scale", "sampler", "sampler_steps"), "hyperclip": ("guidance_steps", "guidance_lr", "guidance_l2")}
-METHODS = ("hnet_hyperldm", "hvae_hyperldm", "hnet_hyperclip", "hvae_hyperclip", "text_hnet", "multitask",
-           "maml_zero_shot", "nearest_task", "oracle", "chance")
-# which training stages a method's weights depend on (a training override retrains these)
-STAGES_OF = {"hyperldm": ("generators", "hyperldm"), "hyperclip": ("generators", "hyperclip"),
-             "text_hnet": ("baselines",), "multitask": ("baselines",), "maml_zero_shot": ("baselines",)}
+# sampling parameters -> (type, default grid): one value, the SamplingSettings default, except γ's curve
+SAMPLING = {f.name: (f.type if isinstance(f.type, type) else {"float": float, "int": int, "str": str}[f.type],
+                     SWEEP_GUIDANCE_GRID if f.name == "guidance_scale" else (f.default,))
+            for f in dataclasses.fields(SamplingSettings)}
 TRAIN_STAGES = ("generators", "hyperclip", "hyperldm", "baselines")
 PLAN_FIELDS = ("splits", "seeds", "val_fraction", "num_workers", "ddp", "log_every")  # not sweepable: they define the run
 
@@ -52,7 +43,7 @@ class SweepConfig:
 
     spec: str = ""  # the YAML spec file these values were read from ('' for none)
     name: str = "gamma"  # folder under <run_dir>/sweeps/ and the MLflow parent run's name
-    methods: tuple[str, ...] = METHODS  # methods to evaluate (baselines are one trial per split and seed)
+    methods: tuple[str, ...] = tuple(METHODS)  # methods to evaluate (baselines are one trial per split and seed)
     splits: tuple[str, ...] = ()  # split modes (default: the run's plan)
     seeds: tuple[int, ...] = ()  # trained-model seeds (default: the run's plan)
     params: dict = field(default_factory=lambda: {k: list(v) for k, (_, v) in SAMPLING.items()})  # sampling parameter -> grid list or {space: args}
@@ -67,7 +58,7 @@ class SweepConfig:
         if not self.methods:
             raise ConfigError("methods is empty; choose from " + ", ".join(METHODS))
         for m in self.methods:
-            check_choice("methods", m, METHODS)
+            check_choice("methods", m, tuple(METHODS))
         for s in self.splits:
             check_choice("splits", s, ("random", "compositional", "given"))
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -190,11 +181,6 @@ def _build(values: dict) -> SweepConfig:
 # ----------------------------------------------------------------------------- trials
 
 
-def family(method: str) -> str:
-    """hnet_hyperldm -> hyperldm; baselines are their own family."""
-    return method.split("_", 1)[1] if method.startswith(("hnet_", "hvae_")) else method
-
-
 def _values(key: str, v, cfg: SweepConfig, salt: int) -> list:
     if isinstance(v, list):
         return v
@@ -219,9 +205,8 @@ def expand(cfg: SweepConfig, splits: list[str], seeds: list[int]) -> list[dict]:
     train_sampled = {k: _values(f"train.{k}", v, cfg, 100 + i) for i, (k, v) in enumerate(sorted(cfg.train.items()))}
     trials, seen = [], set()
     for method in cfg.methods:
-        fam = family(method)
-        used = USES.get(fam, ())
-        stages = STAGES_OF.get(fam, ())
+        used = METHODS[method].uses
+        stages = METHODS[method].stages
         tkeys = [k for k in sorted(train_sampled) if k.split(".")[0] in stages]
         for split, seed in itertools.product(splits, seeds):
             for pvals in itertools.product(*(sampled[k] for k in used)):

@@ -6,8 +6,8 @@ own task), so one farm serves the random and the compositional split of easyvqa.
 the meta-train tasks (the plan's `val_fraction`) is held out of training as a validation split: sweeps
 choose the guidance scale and other sampling settings there, never on meta-test.
 
-Model files live under `<run_dir>/models/<kind>/<split>-seed<k>.safetensors` with a JSON sidecar (the
-config that made them). Tensors only: nothing read back is unpickled.
+Model files live where the run's `RunDir.model(kind, split, seed)` says, with a JSON sidecar (the config
+that made them). Tensors only: nothing read back is unpickled.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from models.task_net import TaskNetSpec, WeightLayout
 from models.weight_norm import WeightNormalizer
-from models.zeroshot.training import TaskData
+from models.zeroshot.tasks import TaskData
 from orchestrator.storage.atomic import atomic_path, write_json
+from orchestrator.storage.rundir import RunDir
 from pipelines.core.cli import ConfigError
 from pipelines.suites.base import META_TEST, META_TRAIN
 from pipelines.suites.splits import assign_splits
 
-PLAN_FILE = "plan.json"
 VAL_SEED = 0  # one validation split per (split, fraction), the same for every training seed
 
 
@@ -55,7 +55,6 @@ class SplitData:
     """One split of a run: meta-train and meta-test tasks as tensors, their experts and a fitted normaliser."""
 
     name: str
-    run_dir: Path
     layout: WeightLayout
     train: TaskData  # meta-train tasks the models train on (validation tasks excluded)
     test: TaskData
@@ -79,46 +78,48 @@ def validation_ids(train_ids: list[str], fraction: float) -> set[str]:
     return set(order[:n].tolist())
 
 
-def store_spec(run_dir: Path) -> TaskNetSpec:
+def store_spec(run: RunDir | Path) -> TaskNetSpec:
     """The task network the farm trained (recorded in the store's manifest)."""
     from orchestrator.storage.store import WeightStore
 
-    spec = WeightStore(Path(run_dir) / "store" / "weights").manifest().get("spec")
+    run = RunDir.of(run)
+    spec = WeightStore(run.store).manifest().get("spec")
     if spec is None:
-        raise ZeroShotError(f"no experts in {run_dir}/store/weights: run `python -m pipelines.experts --run-dir {run_dir}` first")
+        raise ZeroShotError(f"no experts in {run.store}: run `python -m pipelines.experts --run-dir {run.root}` first")
     return TaskNetSpec(**spec)
 
 
-def load_split(run_dir: Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:
-    """Tensors of one split of the run in `run_dir` (features + experts); `val_fraction` defaults to the plan's."""
+def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:
+    """Tensors of one split of the run (features + experts); `val_fraction` defaults to the plan's."""
     from orchestrator.storage.store import WeightStore
     from orchestrator.storage.suite_features import SuiteFeatures, task_batch
 
-    feats = feats if feats is not None else SuiteFeatures.load(Path(run_dir) / "features")
-    spec = store_spec(run_dir)
+    run = RunDir.of(run)
+    feats = feats if feats is not None else SuiteFeatures.load(run.features)
+    spec = store_spec(run)
     layout = WeightLayout(spec)
     assign = split_assignment(feats, mode)
     X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
     rows = list(feats.tasks.itertuples())
     tr = [r for r in rows if assign[r.id] == META_TRAIN]
     te = [r for r in rows if assign[r.id] == META_TEST]
-    val_ids = validation_ids([r.id for r in tr], read_val_fraction(run_dir) if val_fraction is None else val_fraction)
+    val_ids = validation_ids([r.id for r in tr], read_val_fraction(run) if val_fraction is None else val_fraction)
     va = [r for r in tr if r.id in val_ids]
     tr = [r for r in tr if r.id not in val_ids]
     if not tr or not te:
         raise ZeroShotError(f"split {mode!r} has {len(tr)} meta-train and {len(te)} meta-test tasks; both must be non-empty")
-    stored = WeightStore(Path(run_dir) / "store" / "weights").read(seeds=[0])
+    stored = WeightStore(run.store).read(seeds=[0])
     where = {t: i for i, t in enumerate(stored.meta["task_id"])}
     missing = [r.id for r in rows if r.id not in where]
     if missing:
-        raise ZeroShotError(f"{len(missing)} tasks have no expert (e.g. {missing[0]!r}): rerun the experts stage on {run_dir}")
+        raise ZeroShotError(f"{len(missing)} tasks have no expert (e.g. {missing[0]!r}): rerun the experts stage on {run.root}")
     w_tr = stored.w[[where[r.id] for r in tr]]
     w_te = stored.w[[where[r.id] for r in te]]
     desc = lambda rs: T[torch.tensor([int(r.desc_text) for r in rs])]  # noqa: E731
     val = dict(val=TaskData(layout, X, task_batch(va, T), desc(va)), val_ids=[r.id for r in va],
                w_val=stored.w[[where[r.id] for r in va]]) if va else {}
     return SplitData(
-        name=mode, run_dir=Path(run_dir), layout=layout,
+        name=mode, layout=layout,
         train=TaskData(layout, X, task_batch(tr, T), desc(tr)),
         test=TaskData(layout, X, task_batch(te, T), desc(te)),
         train_ids=[r.id for r in tr], test_ids=[r.id for r in te], test_descriptions=[r.description for r in te],
@@ -129,29 +130,24 @@ def load_split(run_dir: Path, mode: str, feats=None, val_fraction: float | None 
 # ----------------------------------------------------------------------------- plan and model files
 
 
-def write_plan(run_dir: Path, splits: tuple[str, ...], seeds: tuple[int, ...], val_fraction: float = 0.0) -> None:
+def write_plan(run: RunDir | Path, splits: tuple[str, ...], seeds: tuple[int, ...], val_fraction: float = 0.0) -> None:
     """Record which (split, seed) pairs this run's zero-shot stages cover and how much meta-train they hold out."""
-    write_json(Path(run_dir) / "models" / PLAN_FILE, {"splits": list(splits), "seeds": list(seeds), "val_fraction": val_fraction})
+    write_json(RunDir.of(run).plan, {"splits": list(splits), "seeds": list(seeds), "val_fraction": val_fraction})
 
 
-def read_plan(run_dir: Path) -> tuple[list[str], list[int]]:
+def read_plan(run: RunDir | Path) -> tuple[list[str], list[int]]:
     """(splits, seeds) of the run's zero-shot stages."""
-    path = Path(run_dir) / "models" / PLAN_FILE
-    if not path.exists():
-        raise ZeroShotError(f"no trained generators in {run_dir}: run `python -m pipelines.generators --run-dir {run_dir}` first")
-    plan = json.loads(path.read_text())
+    run = RunDir.of(run)
+    if not run.plan.exists():
+        raise ZeroShotError(f"no trained generators in {run.root}: run `python -m pipelines.generators --run-dir {run.root}` first")
+    plan = json.loads(run.plan.read_text())
     return plan["splits"], plan["seeds"]
 
 
-def read_val_fraction(run_dir: Path) -> float:
+def read_val_fraction(run: RunDir | Path) -> float:
     """The plan's validation share of meta-train tasks (0 without a plan, or for plans made before it existed)."""
-    path = Path(run_dir) / "models" / PLAN_FILE
+    path = RunDir.of(run).plan
     return float(json.loads(path.read_text()).get("val_fraction", 0.0)) if path.exists() else 0.0
-
-
-def model_path(run_dir: Path, kind: str, split: str, seed: int) -> Path:
-    """Where a trained model of `kind` for (split, seed) lives."""
-    return Path(run_dir) / "models" / kind / f"{split}-seed{seed}.safetensors"
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor], config: dict) -> None:

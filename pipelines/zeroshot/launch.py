@@ -1,6 +1,6 @@
 """Train one kind of zero-shot model for every (split, seed) of the run's plan in one Ray Train job.
 
-A stage module provides `train_one(data: SplitData, seed, cfg, hooks) -> (state, metrics)`; this module
+A stage provides `train_one(run, data: SplitData, seed, cfg, hooks) -> (state, metrics)`; this module
 runs it inside `orchestrator.train.launch` (one worker group per stage: starting one costs ~16 s, so
 not one per model). A model whose file exists with the same config is skipped, so rerunning a stage
 resumes where it stopped and retrains only what changed.
@@ -8,16 +8,17 @@ resumes where it stopped and retrains only what changed.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from models.zeroshot.training import Hooks
+from models.zeroshot.tasks import Hooks
+from orchestrator.storage.rundir import RunDir
 from pipelines.core.cli import RunContext
-from pipelines.zeroshot.data import load_split, model_path, read_plan, read_val_fraction, save_model, store_spec
+from pipelines.zeroshot.data import load_split, read_plan, read_val_fraction, save_model, store_spec
 
 
 def config_dict(cfg) -> dict:
@@ -51,15 +52,14 @@ def _loop(config: dict) -> None:
     from orchestrator import train as rt
 
     torch.set_num_threads(config["threads"])
-    module = importlib.import_module(config["module"])
-    cfg = config_from(module, config["cfg"])
-    run_dir = Path(config["run_dir"])
+    cfg = config["cfg"]
+    run = RunDir.from_dict(config["run"])
     ddp = cfg.ddp or rt.world_size() == 1
     combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
     data = {}
     for split, seed in combos:
         if split not in data:
-            data = {split: load_split(run_dir, split)}  # one split in memory at a time
+            data = {split: load_split(run, split)}  # one split in memory at a time
         tag = {"split": split, "seed": seed}
         metrics: dict = {}
 
@@ -72,23 +72,24 @@ def _loop(config: dict) -> None:
         hooks = Hooks(wrap=rt.prepare if ddp else (lambda m: m), part=rt.shard if ddp else (lambda n: slice(0, n)),
                       log=log, log_every=config["log_every"])
         t0 = time.perf_counter()
-        state, extra = module.train_one(data[split], seed, cfg, hooks)
+        state, extra = config["train_one"](run, data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
-        sidecar = {"kind": config["kind"], **tag, "stage_config": config["cfg"], "val_fraction": config.get("val_fraction", 0.0),
+        sidecar = {"kind": config["kind"], **tag, "stage_config": config_dict(cfg), "val_fraction": config.get("val_fraction", 0.0),
                    "train_tasks": len(data[split].train_ids), "metrics": summary}
         if rt.rank() == 0 or not ddp:
-            save_model(model_path(run_dir, config["kind"], split, seed), state, sidecar)
+            save_model(run.model(config["kind"], split, seed), state, sidecar)
         if ddp:  # a Ray Train checkpoint per model, with its config
             rt.report({"step": 0, **summary}, state=state, config=sidecar)
 
 
-def train_stage(module_name: str, kind: str, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
+def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
     """Train `kind` for every (split, seed) of the plan (or `only` these) not up to date; returns {combo: summary metrics}."""
-    splits, seeds = read_plan(ctx.run_dir)
-    val_fraction = read_val_fraction(ctx.run_dir)
-    store_spec(ctx.run_dir)  # fail here, with the fix in the message, not inside a Ray Train worker
+    run = ctx.run
+    splits, seeds = read_plan(run)
+    val_fraction = read_val_fraction(run)
+    store_spec(run)  # fail here, with the fix in the message, not inside a Ray Train worker
     combos = [(s, k) for s in splits for k in seeds if only is None or (s, k) in only]
-    todo = [c for c in combos if not up_to_date(model_path(ctx.run_dir, kind, *c), cfg, val_fraction)]
+    todo = [c for c in combos if not up_to_date(run.model(kind, *c), cfg, val_fraction)]
     if len(todo) < len(combos):
         ctx.log(f"{kind}: {len(combos) - len(todo)} of {len(combos)} models up to date, {len(todo)} to train")
     if todo:
@@ -101,14 +102,14 @@ def train_stage(module_name: str, kind: str, cfg, ctx: RunContext, only: list[tu
         ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
         result = launch(
             _loop,
-            {"module": module_name, "kind": kind, "cfg": config_dict(cfg), "run_dir": str(ctx.run_dir.resolve()),
+            {"train_one": train_one, "kind": kind, "cfg": cfg, "run": run.to_dict(),
              "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction},
-            name=kind, run_dir=ctx.run_dir, num_workers=workers, cpus_per_worker=threads,
+            name=kind, run_dir=run, num_workers=workers, cpus_per_worker=threads,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
     out = {}
     for split, seed in combos:
-        side = model_path(ctx.run_dir, kind, split, seed).with_suffix(".json")
+        side = run.model(kind, split, seed).with_suffix(".json")
         out[f"{split}-seed{seed}"] = json.loads(side.read_text())["metrics"]
     return out
 
@@ -116,8 +117,3 @@ def train_stage(module_name: str, kind: str, cfg, ctx: RunContext, only: list[tu
 def stage_metrics(summaries: dict) -> dict[str, float]:
     """Flatten {combo: metrics} to MLflow metric names like `random-seed0/loss`."""
     return {f"{combo}/{k}": v for combo, m in summaries.items() for k, v in m.items() if isinstance(v, (int, float))}
-
-
-def model_files(run_dir: Path, kind: str) -> list[Path]:
-    """The model files of `kind` (logged to MLflow as the stage's artifacts)."""
-    return sorted((Path(run_dir) / "models" / kind).glob("*.safetensors"))

@@ -4,28 +4,33 @@ Kept free of heavy imports (torch, Ray) so a stage's config errors stay fast to 
 """
 from __future__ import annotations
 
-import importlib
+import sys
+from typing import Callable
 
 
-def entry_points(kind: str):
-    """(run, track, main) of the stage module `pipelines.<kind>` that trains models of `kind`."""
-    module = f"pipelines.{kind}"
+def entry_points(kind: str, train_one: Callable, prepare: Callable | None = None):
+    """(run, track, main) of the stage that trains models of `kind` with `train_one(run, data, seed, cfg, hooks)`.
+
+    `prepare(cfg, ctx)`, when given, runs before training (the generators stage records the plan there).
+    """
 
     def run(cfg, ctx):
         """Train `kind` for every (split, seed) of the run's plan that is not up to date."""
         from pipelines.zeroshot.launch import train_stage
 
-        return train_stage(module, kind, cfg, ctx)
+        if prepare is not None:
+            prepare(cfg, ctx)
+        return train_stage(kind, train_one, cfg, ctx)
 
     def track(out, ctx):
         """Final losses and metrics per (split, seed); the model files as artifacts."""
-        from pipelines.zeroshot.launch import model_files, stage_metrics
+        from pipelines.zeroshot.launch import stage_metrics
 
-        return stage_metrics(out), model_files(ctx.run_dir, kind)
+        return stage_metrics(out), ctx.run.model_files(kind)
 
     def main() -> int:
         from pipelines.core.runner import run_stages
 
-        return run_stages(kind, importlib.import_module(module).__doc__)
+        return run_stages(kind, sys.modules[train_one.__module__].__doc__)
 
     return run, track, main

@@ -1,22 +1,23 @@
-"""Trained zero-shot models read back from a run, and the methods that turn descriptions into weights.
+"""Trained zero-shot models read back from a run: routes, HyperCLIPs, HyperLDMs and baselines.
 
 A *route* is a latent space with a decoder to weights: `hnet` (HNet latents, adapted per task from the
 meta latent) or `hvae` (HVAE posterior means of the experts). HyperCLIP and HyperLDM are trained per
-route; `generate` runs any method of the results table for a batch of description embeddings.
+route. `TrainedModels` loads each kind once per (split, seed), on first use.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from models.zeroshot.hvae import HVAE
-from models.zeroshot.hyperclip import HyperCLIP, guide
 from models.weight_norm import WeightNormalizer
-from models.zeroshot.training import LatentHNet, SharedWeights, TextHNet
-from pipelines.zeroshot.data import SplitData, load_model, model_path
+from models.zeroshot.hvae import HVAE
+from models.zeroshot.hyperclip import HyperCLIP
+from models.zeroshot.task_models import LatentHNet, SharedWeights, TextHNet
+from orchestrator.storage.rundir import RunDir
+from pipelines.zeroshot.data import SplitData, load_model
 
 ROUTES = ("hnet", "hvae")
 
@@ -41,118 +42,74 @@ def sub_state(state: dict, prefix: str) -> dict:
     return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
-def load_routes(run_dir, data: SplitData, seed: int) -> dict[str, Route]:
-    """The HNet and HVAE routes trained by the generators stage for this split and seed."""
-    state, side = load_model(model_path(run_dir, "generators", data.name, seed))
-    cfg = side["stage_config"]
-    hidden = tuple(cfg["hidden"])
-    hnet = LatentHNet(data.norm, data.train.batch.n, cfg["d_latent"], hidden, torch.Generator())
-    hnet.load_state_dict(sub_state(state, "hnet"))
-    vae = HVAE(data.layout.size, cfg["d_latent"], hidden)
-    vae.load_state_dict(sub_state(state, "hvae"))
-    for m in (hnet, vae):
-        m.eval().requires_grad_(False)
-    mu = state["hvae_latents"]
-    return {
-        "hnet": Route("hnet", hnet.latents.z.detach(), hnet.hnet, hnet.latents.meta.detach(), hnet.norm),
-        "hvae": Route("hvae", mu, vae.decode, mu.mean(0), data.norm),
-    }
+class TrainedModels:
+    """The zero-shot models a run trained for one split and seed, each kind loaded once when first used."""
 
+    def __init__(self, run: RunDir | str, data: SplitData, seed: int):
+        self.run, self.data, self.seed = RunDir.of(run), data, seed
 
-def load_hyperclip(run_dir, data: SplitData, seed: int) -> dict[str, HyperCLIP]:
-    """HyperCLIP per route (see pipelines.hyperclip for what each was trained on)."""
-    state, side = load_model(model_path(run_dir, "hyperclip", data.name, seed))
-    hidden = tuple(side["stage_config"]["hidden"])
-    out = {}
-    for r in ROUTES:
-        m = HyperCLIP(data.layout.size, data.train.c.shape[1], hidden)
-        m.load_state_dict(sub_state(state, r))
-        out[r] = m.eval().requires_grad_(False)
-    return out
+    def _load(self, kind: str) -> tuple[dict, dict]:
+        """(state, stage config) of this split and seed's model of `kind`."""
+        state, side = load_model(self.run.model(kind, self.data.name, self.seed))
+        return state, side["stage_config"]
 
+    @cached_property
+    def routes(self) -> dict[str, Route]:
+        """The HNet and HVAE routes trained by the generators stage."""
+        data = self.data
+        state, cfg = self._load("generators")
+        hidden = tuple(cfg["hidden"])
+        hnet = LatentHNet(data.norm, data.train.batch.n, cfg["d_latent"], hidden, torch.Generator())
+        hnet.load_state_dict(sub_state(state, "hnet"))
+        vae = HVAE(data.layout.size, cfg["d_latent"], hidden)
+        vae.load_state_dict(sub_state(state, "hvae"))
+        for m in (hnet, vae):
+            m.eval().requires_grad_(False)
+        mu = state["hvae_latents"]
+        return {
+            "hnet": Route("hnet", hnet.latents.z.detach(), hnet.hnet, hnet.latents.meta.detach(), hnet.norm),
+            "hvae": Route("hvae", mu, vae.decode, mu.mean(0), data.norm),
+        }
 
-def load_hyperldm(run_dir, data: SplitData, seed: int, d_latent: int):
-    """HyperLDM per route (EMA denoiser + latent standardiser + schedule)."""
-    from models.zeroshot.denoiser import LatentDenoiser
-    from models.diffusion import Diffusion, Standardizer
-    from models.zeroshot.training import HyperLDM
+    @cached_property
+    def hyperclips(self) -> dict[str, HyperCLIP]:
+        """HyperCLIP per route (see pipelines.hyperclip for what each was trained on)."""
+        state, cfg = self._load("hyperclip")
+        out = {}
+        for r in ROUTES:
+            m = HyperCLIP(self.data.layout.size, self.data.train.c.shape[1], tuple(cfg["hidden"]))
+            m.load_state_dict(sub_state(state, r))
+            out[r] = m.eval().requires_grad_(False)
+        return out
 
-    state, side = load_model(model_path(run_dir, "hyperldm", data.name, seed))
-    cfg = side["stage_config"]
-    out = {}
-    for r in ROUTES:
-        den = LatentDenoiser(d_latent, data.train.c.shape[1], hidden=cfg["hidden"], drop_prob=cfg["drop_prob"])
-        den.load_state_dict(sub_state(state, f"{r}.denoiser"))
-        std = Standardizer(d_latent)
-        std.load_state_dict(sub_state(state, f"{r}.standardizer"))
-        out[r] = HyperLDM(den.eval().requires_grad_(False), std, Diffusion(cfg["timesteps"], cfg["schedule"]))
-    return out
+    @cached_property
+    def hyperldms(self) -> dict:
+        """HyperLDM per route (EMA denoiser + latent standardiser + schedule)."""
+        from models.diffusion import Diffusion, Standardizer
+        from models.zeroshot.denoiser import LatentDenoiser
+        from models.zeroshot.training import HyperLDM
 
+        state, cfg = self._load("hyperldm")
+        d_latent = self.routes["hnet"].z_train.shape[1]
+        out = {}
+        for r in ROUTES:
+            den = LatentDenoiser(d_latent, self.data.train.c.shape[1], hidden=cfg["hidden"], drop_prob=cfg["drop_prob"])
+            den.load_state_dict(sub_state(state, f"{r}.denoiser"))
+            std = Standardizer(d_latent)
+            std.load_state_dict(sub_state(state, f"{r}.standardizer"))
+            out[r] = HyperLDM(den.eval().requires_grad_(False), std, Diffusion(cfg["timesteps"], cfg["schedule"]))
+        return out
 
-def load_baselines(run_dir, data: SplitData, seed: int) -> dict[str, torch.nn.Module]:
-    """The trained baselines: multitask, text-conditioned HNet, MAML init."""
-    state, side = load_model(model_path(run_dir, "baselines", data.name, seed))
-    cfg = side["stage_config"]
-    text = TextHNet(data.norm, data.train.c.shape[1], cfg["d_latent"], tuple(cfg["hidden"]))
-    text.load_state_dict(sub_state(state, "text_hnet"))
-    out = {"text_hnet": text}
-    for name in ("multitask", "maml"):
-        m = SharedWeights(torch.zeros(data.layout.size))
-        m.load_state_dict(sub_state(state, name))
-        out[name] = m
-    return {k: m.eval().requires_grad_(False) for k, m in out.items()}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How generative methods sample: HyperCLIP guidance steps/lr/L2 and HyperLDM sampler settings."""
-
-    guidance_steps: int = 50
-    guidance_lr: float = 3e-2
-    guidance_l2: float = 0.0
-    sampler: str = "ddim"
-    sampler_steps: int = 50
-
-
-def nearest_task(data: SplitData, c: torch.Tensor) -> torch.Tensor:
-    """Baseline: the expert of the meta-train task whose description embedding is nearest (cosine) -> [B, P]."""
-    sim = F.normalize(c, dim=-1) @ F.normalize(data.train.c, dim=-1).T  # [B, N]
-    return data.w_train[sim.argmax(1)]
-
-
-def hyperclip_weights(route: Route, clip: HyperCLIP, c: torch.Tensor, s: Sampling) -> torch.Tensor:
-    """HyperCLIP guidance (§3.3) from the route's start latent -> raw weights [B, P]."""
-    z0 = route.z_start.expand(len(c), -1)
-    z = guide(z0, route.decode_n, clip, c, steps=s.guidance_steps, lr=s.guidance_lr, l2=s.guidance_l2)
-    return route.decode(z)
-
-
-def hyperldm_weights(route: Route, ldm, c: torch.Tensor, gamma: float, s: Sampling, seed: int) -> torch.Tensor:
-    """HyperLDM sampling with classifier-free guidance scale gamma -> raw weights [B, P]."""
-    gen = torch.Generator().manual_seed(seed)
-    z = ldm.sample(c, gamma, sampler=s.sampler, steps=s.sampler_steps, generator=gen)
-    with torch.no_grad():
-        return route.decode(z)
-
-
-METHODS = ("hnet_hyperldm", "hvae_hyperldm", "hnet_hyperclip", "hvae_hyperclip", "text_hnet", "multitask",
-           "maml_zero_shot", "nearest_task")
-
-
-def generate(method: str, data: SplitData, seed: int, c: torch.Tensor, s: Sampling, gamma: float = 1.0) -> torch.Tensor:
-    """Raw weights [B, P] from one method of a trained run for description embeddings c [B, d_txt]."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "nearest_task":
-        return nearest_task(data, c)
-    rows = torch.arange(len(c))
-    if method in ("text_hnet", "multitask", "maml_zero_shot"):
-        model = load_baselines(data.run_dir, data, seed)["maml" if method == "maml_zero_shot" else method]
-        with torch.no_grad():
-            return model(rows, c)
-    route_name, kind = method.split("_", 1)
-    route = load_routes(data.run_dir, data, seed)[route_name]
-    if kind == "hyperclip":
-        return hyperclip_weights(route, load_hyperclip(data.run_dir, data, seed)[route_name], c, s)
-    ldm = load_hyperldm(data.run_dir, data, seed, route.z_train.shape[1])[route_name]
-    return hyperldm_weights(route, ldm, c, gamma, s, seed)
+    @cached_property
+    def baselines(self) -> dict[str, torch.nn.Module]:
+        """The trained baselines: multitask, text-conditioned HNet, MAML init."""
+        data = self.data
+        state, cfg = self._load("baselines")
+        text = TextHNet(data.norm, data.train.c.shape[1], cfg["d_latent"], tuple(cfg["hidden"]))
+        text.load_state_dict(sub_state(state, "text_hnet"))
+        out = {"text_hnet": text}
+        for name in ("multitask", "maml"):
+            m = SharedWeights(torch.zeros(data.layout.size))
+            m.load_state_dict(sub_state(state, name))
+            out[name] = m
+        return {k: m.eval().requires_grad_(False) for k, m in out.items()}

@@ -54,19 +54,22 @@ def test_zero_shot_baselines_fine_tuned_on_the_stage_episodes(zs_run_dir, tmp_pa
     from pipelines.baselines import PRESETS, BaselinesConfig, train_one
     from pipelines.fewshot import FewShotConfig, split_pools
     from pipelines.episodic.finetune import finetune_rows
-    from pipelines.zeroshot.data import load_split, model_path, save_model
-    from pipelines.zeroshot.trained import Sampling, generate
-    from models.zeroshot.training import Hooks
+    from orchestrator.storage.rundir import RunDir
+    from pipelines.zeroshot.data import load_split, save_model
+    from pipelines.zeroshot.methods import generate
+    from pipelines.zeroshot.sampling import SamplingSettings
+    from pipelines.zeroshot.trained import TrainedModels
+    from models.zeroshot.tasks import Hooks
 
-    run = tmp_path / "run"
+    run = RunDir(tmp_path / "run")
     for part in ("features", "store"):
-        shutil.copytree(zs_run_dir / part, run / part)
+        shutil.copytree(zs_run_dir / part, run.root / part)
     data = load_split(run, "given")
     bcfg = BaselinesConfig(**PRESETS["smoke"])
-    state, _ = train_one(data, 0, bcfg, Hooks())
-    save_model(model_path(run, "baselines", "given", 0), state, {"stage_config": dataclasses.asdict(bcfg)})
+    state, _ = train_one(run, data, 0, bcfg, Hooks())
+    save_model(run.model("baselines", "given", 0), state, {"stage_config": dataclasses.asdict(bcfg)})
 
-    feats = SuiteFeatures.load(run / "features")
+    feats = SuiteFeatures.load(run.features)
     p = split_pools(feats, "given")
     eps = {k: T.eval_episodes(p["meta_test"], k, 40, 8, 0) for k in (1, 5)}
     cfg = FewShotConfig(seeds=(0, 1), eval_batch=16, finetune_steps=0)  # seed 1 has no baselines: skipped
@@ -75,7 +78,7 @@ def test_zero_shot_baselines_fine_tuned_on_the_stage_episodes(zs_run_dir, tmp_pa
         (m, k, 0) for m in ("finetune_multitask", "finetune_text_hnet") for k in (1, 5)}
     # zero steps: exactly the zero-shot model's weights for each episode's task
     where = {t: i for i, t in enumerate(data.test_ids)}
-    w = generate("text_hnet", data, 0, data.test.c, Sampling())[torch.tensor([where[t] for t in p["test_ids"]])]
+    w = generate("text_hnet", TrainedModels(run, data, 0), data.test.c, SamplingSettings())[torch.tensor([where[t] for t in p["test_ids"]])]
     b = collate(eps[5], torch.as_tensor(feats.image_feats), p["meta_test"].prompts)
     direct = float(batch_accuracy(data.layout, w[b.task], *b.query()).mean())
     row = next(r for r in zero if r["method"] == "finetune_text_hnet" and r["shots"] == 5)

@@ -36,7 +36,7 @@ def test_splits_are_checked_and_recomputed_from_the_features(run_dir_with_featur
 @pytest.mark.slow
 def test_smoke_preset_writes_a_valid_table_and_resumes(ray_cluster, run_dir_with_features, capsys):
     cfg = build_config(fewshot.FewShotConfig, fewshot.PRESETS, "smoke", [])
-    ctx = RunContext(run_dir=run_dir_with_features, progress=False)
+    ctx = RunContext(run=run_dir_with_features, progress=False)
     out = fewshot.run(cfg, ctx)
     assert "fine-tuning rows skipped" in capsys.readouterr().err  # no zero-shot models in this run: said, not failed
 

@@ -372,7 +372,7 @@ def test_built_task_file_feeds_the_features_stage(vqa, tmp_path):
     p, _ = cli("--questions", *vqa["q"], "--annotations", *vqa["a"], "--images", *vqa["images"], "--out", out)
     assert p.returncode == 0, p.stderr
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "smoke", [f"tasks_file={out / 'metavqa.jsonl'}"])
-    feats = features.run(cfg, RunContext(run_dir=tmp_path / "run", progress=False))
+    feats = features.run(cfg, RunContext(run=tmp_path / "run", progress=False))
     assert feats.tasks["split"].value_counts().to_dict() == {META_TRAIN: 4, META_TEST: 2}
     assert feats.image_feats.shape == (51, 1280) and feats.d_txt == 384
     # each task's answer prompts are its question's template filled with each candidate answer

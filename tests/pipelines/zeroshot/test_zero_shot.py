@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from models.zeroshot.training import VaeFit, task_accuracy, train_hvae
+from models.zeroshot.tasks import task_accuracy
+
+from models.zeroshot.training import train_hvae
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -16,7 +18,7 @@ def test_hvae_reconstructions_keep_expert_accuracy_within_2_points(zs_run_dir):
 
     data = load_split(zs_run_dir, "given")
     wn = data.norm.encode(data.w_train)
-    vae = train_hvae(wn, VaeFit(steps=300, batch=8, d_latent=16, hidden=(64, 64)), seed=0)
+    vae = train_hvae(wn, seed=0, steps=300, lr=1e-3, batch=8, beta=1.0, d_latent=16, hidden=(64, 64))
     with torch.no_grad():
         rec = data.norm.decode(vae.decode(vae.encode(wn)[0]))
     experts = task_accuracy(data.train, data.w_train).mean()

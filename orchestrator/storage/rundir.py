@@ -1,0 +1,132 @@
+"""`RunDir`: every path of a run, in one place.
+
+    <root>/
+      config.yaml  command.txt  timings.json     the resolved configuration, the command line, stage times
+      features/                                   task suite embedded by the frozen encoders (+ image projection)
+      cache/features/                             encoder outputs keyed by content (shareable between runs)
+      store/weights/                              the expert farm's weight store (Parquet shards + manifest)
+      models/plan.json                            which (split, seed) pairs the zero-shot stages cover
+      models/<kind>/<split>-seed<k>.safetensors   trained zero-shot models (+ .json sidecar with their config)
+      results/                                    tables and figures (zero_shot.*, few_shot.*)
+      sweeps/<name>/                              one folder per sweep (done/, tune/, results)
+      ray_train/<name>/                           Ray Train checkpoints of each training launch (resume)
+      mlflow.db  mlartifacts/  mlflow_pending/    the run's MLflow store and its outage buffer
+      logs/                                       full logs
+
+An *overlay* is a run directory that holds only some model kinds of its own (a sweep trial that
+retrains HyperLDM, say) and reads everything else (features, store, plan, the other models) from its
+base run: nothing is copied or linked, and the base run is never written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run; with `base`, an overlay that owns only the model kinds in `own_models`."""
+
+    root: Path
+    base: "RunDir | None" = None
+    own_models: frozenset[str] = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    @classmethod
+    def of(cls, run: "RunDir | Path | str") -> "RunDir":
+        """`run` itself, or the run directory at that path (library callers and tests pass paths)."""
+        return run if isinstance(run, RunDir) else cls(Path(run))
+
+    def overlay(self, root: Path, own_models) -> "RunDir":
+        """A run at `root` that trains and holds `own_models` itself and reads the rest from this run."""
+        return RunDir(root, base=self, own_models=frozenset(own_models))
+
+    def to_dict(self) -> dict:
+        """JSON-plain form, to ship a run to Ray workers (`from_dict` reads it back)."""
+        return {"root": str(self.root), "base": self.base.to_dict() if self.base else None, "own_models": sorted(self.own_models)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunDir":
+        return cls(Path(d["root"]), cls.from_dict(d["base"]) if d["base"] else None, frozenset(d["own_models"]))
+
+    def _inputs(self) -> "RunDir":
+        """Where shared inputs (features, store, plan) are read from: the base run of an overlay."""
+        return self.base._inputs() if self.base is not None else self
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    # ---------------------------------------------------------------- inputs every stage shares
+    @property
+    def features(self) -> Path:
+        return self._inputs().root / "features"
+
+    @property
+    def feature_cache(self) -> Path:
+        """The default encoder cache (`features.cache_dir` moves it)."""
+        return self._inputs().root / "cache" / "features"
+
+    @property
+    def store(self) -> Path:
+        return self._inputs().root / "store" / "weights"
+
+    @property
+    def plan(self) -> Path:
+        return self._inputs().root / "models" / "plan.json"
+
+    # ---------------------------------------------------------------- trained models
+    def model_dir(self, kind: str) -> Path:
+        """The folder of one kind of zero-shot model (an overlay's own kinds live in the overlay)."""
+        if self.base is not None and kind not in self.own_models:
+            return self.base.model_dir(kind)
+        return self.root / "models" / kind
+
+    def model(self, kind: str, split: str, seed: int) -> Path:
+        """The safetensors file of a trained model of `kind` for (split, seed); its sidecar is `.json` beside it."""
+        return self.model_dir(kind) / f"{split}-seed{seed}.safetensors"
+
+    def model_files(self, kind: str) -> list[Path]:
+        return sorted(self.model_dir(kind).glob("*.safetensors"))
+
+    # ---------------------------------------------------------------- outputs of this run
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def sweep(self, name: str) -> Path:
+        return self.root / "sweeps" / name
+
+    @property
+    def ray_train(self) -> Path:
+        """Ray Train's storage_path: one folder per launch name, checkpoints to resume from."""
+        return self.root / "ray_train"
+
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def command_file(self) -> Path:
+        return self.root / "command.txt"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    @property
+    def mlflow_pending(self) -> Path:
+        return self.root / "mlflow_pending"

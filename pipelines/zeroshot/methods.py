@@ -1,0 +1,129 @@
+"""The zero-shot methods, in one registry, and the one `generate` that turns descriptions into weights.
+
+Every consumer (the evaluate stage, the sweep, `pipelines.zero_shot`, the Python API) goes through
+`generate` and `accuracy`. Adding a method is one `Method` entry here plus its model's code.
+
+A method is *generative* (weights from description embeddings) or a *reference* scored without
+generating anything from the description (the per-task expert, chance).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from pipelines.zeroshot.sampling import SamplingSettings
+
+if TYPE_CHECKING:  # torch and the models load when a method runs, so config errors stay fast to report
+    import torch
+
+    from pipelines.zeroshot.trained import TrainedModels
+
+Weights = Callable[["TrainedModels", "torch.Tensor", SamplingSettings], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row family of the zero-shot table."""
+
+    name: str
+    group: str  # route it generates through (hnet, hvae), baseline or reference
+    stages: tuple[str, ...]  # training stages whose models it uses (a sweep's training override retrains them)
+    uses: tuple[str, ...]  # SamplingSettings fields it reads (a sweep crosses only these)
+    weights: Weights | None  # c [B, d_txt] -> raw weights [B, P]; None for a reference
+
+
+HYPERLDM_SETTINGS = ("guidance_scale", "sampler", "sampler_steps")
+HYPERCLIP_SETTINGS = ("guidance_steps", "guidance_lr", "guidance_l2")
+
+
+def nearest_task(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+    """The expert of the meta-train task whose description embedding is nearest (cosine) -> [B, P]."""
+    import torch.nn.functional as F
+
+    sim = F.normalize(c, dim=-1) @ F.normalize(m.data.train.c, dim=-1).T  # [B, N]
+    return m.data.w_train[sim.argmax(1)]
+
+
+def baseline(name: str) -> Weights:
+    """A trained baseline's weights (multitask and MAML ignore the description)."""
+
+    def weights(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+        import torch
+
+        with torch.no_grad():
+            return m.baselines[name](torch.arange(len(c)), c)
+
+    return weights
+
+
+def hyperclip(route: str) -> Weights:
+    """HyperCLIP guidance (Nava et al. §3.3) from the route's start latent."""
+
+    def weights(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+        from models.zeroshot.hyperclip import guide
+
+        r = m.routes[route]
+        z0 = r.z_start.expand(len(c), -1)
+        z = guide(z0, r.decode_n, m.hyperclips[route], c, steps=s.guidance_steps, lr=s.guidance_lr, l2=s.guidance_l2)
+        return r.decode(z)
+
+    return weights
+
+
+def hyperldm(route: str) -> Weights:
+    """HyperLDM sampling with classifier-free guidance (§3.4); the sampler's noise is seeded by the training seed."""
+
+    def weights(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+        import torch
+
+        gen = torch.Generator().manual_seed(m.seed)
+        z = m.hyperldms[route].sample(c, s.guidance_scale, sampler=s.sampler, steps=s.sampler_steps, generator=gen)
+        with torch.no_grad():
+            return m.routes[route].decode(z)
+
+    return weights
+
+
+# Registry order is the results table's row order.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("chance", "reference", (), (), None),
+    Method("oracle", "reference", (), (), None),
+    Method("nearest_task", "baseline", (), (), nearest_task),
+    Method("multitask", "baseline", ("baselines",), (), baseline("multitask")),
+    Method("maml_zero_shot", "baseline", ("baselines",), (), baseline("maml")),
+    Method("text_hnet", "baseline", ("baselines",), (), baseline("text_hnet")),
+    *(Method(f"{r}_{kind}", r, ("generators", kind), uses, make(r))
+      for r in ("hnet", "hvae") for kind, uses, make in (("hyperclip", HYPERCLIP_SETTINGS, hyperclip),
+                                                         ("hyperldm", HYPERLDM_SETTINGS, hyperldm))),
+)}
+GENERATIVE = tuple(n for n, m in METHODS.items() if m.weights is not None)
+
+
+def method(name: str) -> Method:
+    """The registry entry of `name`; an unknown name is a ConfigError listing the valid ones."""
+    if name not in METHODS:
+        from pipelines.core.cli import ConfigError
+
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def generate(name: str, models: TrainedModels, c: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
+    """Raw task-network weights [B, P] from a generative method for description embeddings c [B, d_txt]."""
+    m = method(name)
+    if m.weights is None:
+        from pipelines.core.cli import ConfigError
+
+        raise ConfigError(f"{name} is a reference, not a generator; choose one of {', '.join(GENERATIVE)}")
+    return m.weights(models, c, sampling).detach()
+
+
+def accuracy(name: str, models: TrainedModels, part, w_experts: torch.Tensor, sampling: SamplingSettings) -> torch.Tensor:
+    """Query accuracy [T] of a method on the tasks of `part` (TaskData), whose experts are `w_experts`."""
+    from models.zeroshot.tasks import chance_accuracy, task_accuracy
+
+    if name == "chance":
+        return chance_accuracy(part)
+    if name == "oracle":
+        return task_accuracy(part, w_experts)
+    return task_accuracy(part, generate(name, models, part.c, sampling))
