@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test bench clean
+.PHONY: install run smoke test test-fast bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ smoke: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: no Ray cluster, no slow end-to-end runs (a few minutes).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/farm.py $(ARGS)
