@@ -178,10 +178,20 @@ class FarmSummary:
 
 
 MAX_SHARD_ATTEMPTS = 3
-PLACEMENT_TIMEOUT_S = 300.0  # how long the farm waits for a replacement actor when no live actor is left
+PLACEMENT_TIMEOUT_S = 300.0  # how long the farm waits for an actor to be placed (an autoscaler may add a node)
 # What a lost actor or node looks like from the driver; a shard that hit one is trained again elsewhere.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
         ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)
+
+
+def placed(worker) -> bool:
+    """Whether Ray has given an actor a worker process on some node (it may still be starting there)."""
+    import ray._private.state as gcs  # the GCS actor table; the public state API needs the dashboard
+
+    try:
+        return int(gcs.actors(worker._actor_id.hex()).get("Pid") or 0) > 0
+    except Exception:  # noqa: BLE001 - unknown: treat as placed, i.e. keep waiting rather than drop it
+        return True
 
 
 def _alive(worker, timeout: float = 30) -> bool:
@@ -193,12 +203,15 @@ def _alive(worker, timeout: float = 30) -> bool:
         return False
 
 
-def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True, log=print) -> FarmSummary:
+def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True, log=print,
+             placement_timeout: float = PLACEMENT_TIMEOUT_S) -> FarmSummary:
     """Train every (task, seed) expert not yet intact in the store, shard by shard, on Ray actors.
 
     Faults: a shard whose actor (or node) dies goes back to the queue for any live actor; the dead
     actor is replaced, and the replacement gets work only once it is running, so a node that never
     comes back cannot strand a shard. Only the driver writes the store, one whole shard at a time.
+    Waits are bounded: an actor not placed within `placement_timeout` seconds is dropped (the others
+    go on), and when none can be placed the farm stops with what it asked for and what the cluster has.
     """
     chash = config_hash(cfg, data.info.get("config_hash", ""))
     layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
@@ -226,9 +239,15 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     summary = FarmSummary(0, 0, len(shards) - len(todo), redone, 0.0, 0.0, 0.0)
     if not todo:
         return summary
-    wanted = cfg.num_actors or int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_actor)
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = cfg.num_actors or int(cluster_cpus // cfg.cpus_per_actor)
     n_actors = max(1, min(wanted, len(todo)))
-    log(f"farm: {n_actors} actor(s) x {cfg.cpus_per_actor} CPU")
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    log(f"farm: {n_actors} actor(s) x {cfg.cpus_per_actor} CPU (the cluster has {cluster_cpus:g} CPU, "
+        f"{largest:g} on its largest node)")
+    if cfg.cpus_per_actor > largest:
+        log(f"farm: no node has {cfg.cpus_per_actor} CPUs now; waiting up to {placement_timeout:g}s for one "
+            "(an autoscaling cluster may add it)")
     data_ref = ray.put(data)
     generation = [0] * n_actors
 
@@ -240,8 +259,11 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     workers = [new_worker(i) for i in range(n_actors)]
     queue = list(reversed(todo))
     pending: dict = {}  # train ref -> (actor slot, the actor, shard)
-    starting: dict = {}  # ready probe of a replacement actor -> actor slot
+    # Ready probe of an actor not yet running -> (slot, when it was asked for). Shards go only to running
+    # actors: one that cannot be placed must not hold any.
+    starting: dict = {w.__ray_ready__.remote(): (i, time.monotonic()) for i, w in enumerate(workers)}
     attempts: dict[str, int] = {}
+    dropped: set[int] = set()  # slots whose actor could not be placed
 
     def submit(i: int) -> None:
         if queue:
@@ -252,33 +274,51 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
         ray.kill(workers[i])  # make sure it is gone (it may be half dead, e.g. unreachable)
         generation[i] += 1
         workers[i] = new_worker(i)
-        starting[workers[i].__ray_ready__.remote()] = i
+        starting[workers[i].__ray_ready__.remote()] = (i, time.monotonic())
 
-    for i in range(n_actors):  # two shards in flight per actor: the next one is ready when one finishes
-        submit(i)
-        submit(i)
+    def give_up_on_unplaced() -> None:
+        """Drop actors not placed on a node within the placement timeout; fail when none is left to do the work."""
+        now = time.monotonic()
+        late = [ref for ref, (i, asked) in starting.items() if now - asked >= placement_timeout and not placed(workers[i])]
+        if not late:
+            return
+        running = n_actors - len(starting)
+        if running == 0 and not pending and len(late) == len(starting):
+            raise FarmError(
+                f"no farm actor could be placed within {placement_timeout:g}s: each asks for {cfg.cpus_per_actor} CPU, "
+                f"the cluster has {ray.cluster_resources().get('CPU', 0):g} CPU ({largest:g} on its largest node); "
+                "lower experts.cpus_per_actor or experts.num_actors, or add nodes, then rerun (finished shards are kept)"
+            )
+        if running == 0:
+            return  # others are placed and still starting: they will take the work
+        for ref in late:
+            i, _ = starting.pop(ref)
+            ray.kill(workers[i])
+            dropped.add(i)
+        log(f"farm: {len(late)} of {n_actors} actor(s) could not be placed within {placement_timeout:g}s "
+            f"(each asks for {cfg.cpus_per_actor} CPU); going on with the other {n_actors - len(dropped)}")
+
     bar = tqdm(total=sum(len(s.members) for s in todo), unit="expert", desc="expert farm", disable=not progress, smoothing=0.1)
     try:
         while pending or (queue and starting):
-            # with no shard in flight, only replacements are left to wait for: bound that wait
-            done, _ = ray.wait(list(pending) + list(starting), num_returns=1,
-                               timeout=None if pending else PLACEMENT_TIMEOUT_S)
+            timeout = None
+            if starting:  # wake up when the oldest waiting actor reaches the placement timeout
+                oldest = min(asked for _, asked in starting.values())
+                timeout = max(0.0, oldest + placement_timeout - time.monotonic())
+            done, _ = ray.wait(list(pending) + list(starting), num_returns=1, timeout=timeout)
             if not done:
-                raise FarmError(
-                    f"no farm actor could be placed for {PLACEMENT_TIMEOUT_S:.0f}s after losing the others; "
-                    "check `ray status` for nodes with free CPUs (or lower experts.cpus_per_actor), then rerun: "
-                    "finished shards are kept"
-                )
+                give_up_on_unplaced()
+                continue
             ref = done[0]
             if ref in starting:
-                i = starting.pop(ref)
+                i, _ = starting.pop(ref)
                 try:
                     ray.get(ref)
                 except LOST:
                     replace(i)  # died while starting (e.g. its node went too); the queue waits for it or others
                     continue
                 submit(i)
-                submit(i)
+                submit(i)  # two shards in flight per actor: the next one is ready when one finishes
                 continue
             i, actor, shard = pending.pop(ref)
             try:

@@ -153,3 +153,34 @@ def test_bad_init_from_is_one_clear_line(run_dir_with_features, tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert "init_from" in r.stderr and f"({SMOKE_WEIGHTS},)" in r.stderr and "Traceback" not in r.stderr
     assert not (run_dir_with_features / "store" / "weights" / "manifest.json").exists()
+
+
+def test_actor_that_cannot_be_placed_fails_after_the_timeout_with_what_it_asked_for(ray_cluster, run_dir_with_features):
+    """8 CPUs per actor on a 2-CPU Ray: no actor can start; the farm says so instead of waiting for ever."""
+    from orchestrator.farm import FarmError, run_farm
+    from orchestrator.storage.suite_features import SuiteFeatures
+
+    feats = SuiteFeatures.load(run_dir_with_features / "features")
+    store = WeightStore(run_dir_with_features / "store" / "weights")
+    t0 = time.monotonic()
+    with pytest.raises(FarmError) as e:
+        run_farm(feats, experts_cfg("cpus_per_actor=8"), store, progress=False, log=lambda m: None, placement_timeout=5)
+    assert time.monotonic() - t0 < 60
+    msg = str(e.value)
+    assert "8 CPU" in msg and "the cluster has 2 CPU" in msg and "cpus_per_actor" in msg
+    assert not store.manifest()["shards"]  # nothing half-written
+
+
+def test_more_actors_than_the_cluster_fits_finishes_with_the_ones_placed(ray_cluster, run_dir_with_features):
+    """3 one-CPU actors on 2 CPUs: shards go only to running actors, so every shard is trained."""
+    from orchestrator.farm import run_farm
+    from orchestrator.storage.suite_features import SuiteFeatures
+
+    feats = SuiteFeatures.load(run_dir_with_features / "features")
+    store = WeightStore(run_dir_with_features / "store" / "weights")
+    said: list[str] = []
+    summary = run_farm(feats, experts_cfg("num_actors=3", "shard_size=4"), store, progress=False, log=said.append,
+                       placement_timeout=5)
+    assert summary.experts_trained == len(feats.tasks)
+    assert len(store.read_meta()) == len(feats.tasks)
+    assert any("could not be placed" in m and "going on with the other 2" in m for m in said), said
