@@ -2,7 +2,10 @@
 
 The caller (pipelines.sweep) expands its spec into a list of trial configs and gives a pure function
 `fn(trial) -> metrics`; this module runs them as Ray Tune trials, sized to the cluster, with a
-progress bar, and resumes an interrupted sweep with `Tuner.restore` (finished trials are not rerun).
+progress bar. It never restores Tune's own state: Tune pickles its experiment (tuner.pkl, params.pkl,
+pickled trials inside experiment_state JSON), and unpickling a file from a shared run directory runs
+whatever code was planted there. The caller resumes from its own JSON records of finished trials and
+hands this module only the trials still to run; Tune's folder is cleared before every start.
 Only the driver writes to MLflow (DESIGN.md §4: SQLite locks under concurrent writers): a Tune
 callback logs each trial as it finishes, and `log_missing` fills in any trial whose run a killed
 driver never wrote, so every trial ends with exactly one child run (found by its `trial_key` tag).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -85,8 +89,8 @@ class TrialProgress:
         self.bar.set_postfix(errors=self.errors)
 
 
-# Tune pickles the RunConfig, callbacks included, into the experiment and restores that copy with
-# `Tuner.restore`; the callback therefore holds only a key, and the live logger is looked up here.
+# Tune pickles the RunConfig, callbacks included, into its experiment state; the callback therefore
+# holds only a key (nothing live is pickled), and the live logger is looked up here.
 _LIVE: dict[str, TrialProgress] = {}
 
 
@@ -112,37 +116,28 @@ def run_trials(
     sweep_dir: Path,
     max_concurrent: int,
     cpus_per_trial: float,
-    resume: bool,
     log_trial: Callable[[dict, dict], None],
     done_before: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Run every trial config through Ray Tune; returns [{**trial, **metrics}] for the finished ones.
+    """Run every trial config through a fresh Ray Tune experiment; returns [{**trial, **metrics}] in trial order.
 
-    `resume` restores the Tune experiment in `sweep_dir` (unfinished and errored trials run again,
-    finished ones are kept). Trials are reused Tune actors, so a trial function may cache loaded data
-    per process.
+    Trials run on reused Tune actors, so a trial function may cache loaded data per process.
     """
     storage = (Path(sweep_dir) / TUNE_DIR).resolve()
     trainable = tune.with_resources(functools.partial(_trainable, fn), functools.partial(_resources, cpus_per_trial))
     key = str(storage)
-    _LIVE[key] = TrialProgress(log_trial, len(trials), done_before, progress)
+    _LIVE[key] = TrialProgress(log_trial, done_before + len(trials), done_before, progress)
     run_config = tune.RunConfig(name="trials", storage_path=str(storage), verbose=0, callbacks=[TrialLogger(key)],
                                 failure_config=tune.FailureConfig(max_failures=1))
-    path = storage / "trials"
-    if resume and tune.Tuner.can_restore(str(path)):
-        print(f"sweep: restoring the Tune experiment in {path} (finished trials are kept)", file=sys.stderr, flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        if resume:  # killed before Tune first saved its state: trials the caller recorded as done return at once
-            print(f"sweep: no Tune state in {path} yet; starting the trials again (finished ones are not recomputed)",
-                  file=sys.stderr, flush=True)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search(trials)},
-            tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
-            run_config=run_config,
-        )
+    if storage.exists():  # an earlier attempt's Tune state: never read back (see the module docstring)
+        shutil.rmtree(storage)
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(trials)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, reuse_actors=True),
+        run_config=run_config,
+    )
     try:
         grid = tuner.fit()
     finally:
@@ -155,7 +150,7 @@ def run_trials(
         rows.append({**result.config["trial"], **{k: v for k, v in result.metrics.items() if k in METRIC_KEYS}})
     if failed:
         raise SweepError(f"{len(failed)} trial(s) failed (e.g. {failed[0]}); see {storage}/trials for their errors, "
-                         "then rerun with --resume to retry them")
+                         "then rerun with --resume to retry them (finished trials are kept)")
     return rows
 
 

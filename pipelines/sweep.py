@@ -103,7 +103,8 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     for t in trials:
         t.update(run_dir=str(ctx.run.root), sweep_dir=str(sweep_dir.resolve()), threads=max(1, int(cfg.cpus_per_trial)))
     digest, state = spec_hash(trials), read_state(sweep_dir)
-    n_done = len({p.stem for p in (sweep_dir / DONE).glob("*.json")} & {t["key"] for t in trials})
+    done_keys = {p.stem for p in (sweep_dir / DONE).glob("*.json")} & {t["key"] for t in trials}
+    n_done = len(done_keys)
     finished = n_done == len(trials)
     if state is not None and state["spec_hash"] != digest:
         raise ConfigError(f"sweep {cfg.name!r} in {sweep_dir} was made with another spec ({state['trials']} trials); "
@@ -120,16 +121,21 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     if state["mlflow_parent"] != here:
         ctx.log(f"sweep {cfg.name}: its trial runs are children of the MLflow run {state['mlflow_parent']} that started it")
     log = log_trial_fn(ctx, state["mlflow_parent"], cfg.name)
+    # Finished trials come back from their JSON records (done/); Tune's own pickled state is never read.
+    records = {t["key"]: {**t, **json.loads((sweep_dir / DONE / f"{t['key']}.json").read_text()), "reused": 1}
+               for t in trials if t["key"] in done_keys}
     if finished:
         ctx.log(f"sweep {cfg.name}: all {len(trials)} trials already done in {sweep_dir}; reusing them")
-        rows = [{**t, **json.loads((sweep_dir / DONE / f"{t['key']}.json").read_text()), "reused": 1} for t in trials]
     else:
-        n_train = sum(bool(t["train"]) for t in trials)
+        todo = [t for t in trials if t["key"] not in done_keys]
+        n_train = sum(bool(t["train"]) for t in todo)
         workers = cfg.max_concurrent or concurrency(cfg.cpus_per_trial)
-        ctx.log(f"sweep {cfg.name}: {len(trials)} trials ({n_train} train their own models), {workers} at a time, "
-                f"{n_done} already done; Tune experiment in {sweep_dir / 'tune'}")
-        rows = run_trials(run_trial, trials, sweep_dir=sweep_dir, max_concurrent=workers, cpus_per_trial=cfg.cpus_per_trial,
-                          resume=cfg.resume, log_trial=log, done_before=n_done, progress=ctx.progress)
+        ctx.log(f"sweep {cfg.name}: {len(trials)} trials, {n_done} already done (kept), {len(todo)} to run "
+                f"({n_train} train their own models), {workers} at a time; Tune experiment in {sweep_dir / 'tune'}")
+        for r in run_trials(run_trial, todo, sweep_dir=sweep_dir, max_concurrent=workers, cpus_per_trial=cfg.cpus_per_trial,
+                            log_trial=log, done_before=n_done, progress=ctx.progress):
+            records[r["key"]] = r
+    rows = [records[t["key"]] for t in trials]
     for r in rows:  # a trial whose child run a killed driver never wrote gets it now (each exactly once)
         log(r, r)
     if state["mlflow_parent"] != here:

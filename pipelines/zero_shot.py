@@ -35,7 +35,8 @@ def parse(argv: list[str] | None):
                    help=f"HyperLDM classifier-free guidance scale γ (default {SamplingSettings.guidance_scale:g})")
     p.add_argument("--split", default=None, help="which split's models to use (default: the run's first)")
     p.add_argument("--seed", type=int, default=None, help="which training seed's models to use (default: the run's first)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default <run>/zero_shot/<task file name>)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder, outside the source run (default: <run>-zero-shot-<task file name> beside it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -64,7 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     info = json.loads((src.features / "info.json").read_text())
     if "config" not in info:
         raise ConfigError(f"{src.features}/info.json does not record its features config; rerun the features stage of that run")
-    out = RunDir((args.out or src.root / "zero_shot" / args.tasks.stem))
+    out = RunDir(args.out or src.root.parent / f"{src.root.name}-zero-shot-{args.tasks.stem}")
+    if out.root == src.root or src.root in out.root.parents or out.root in src.root.parents:
+        raise ConfigError(f"--out {out.root} is, holds or lies inside the run it reads ({src.root}); "
+                          "choose a folder outside that run")
     # The run's encoder settings, the new task file; every task is a generation target.
     keep = {k: v for k, v in info["config"].items() if k not in ("tasks_file", "export_tasks", "cache_dir")}
     overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in keep.items()]

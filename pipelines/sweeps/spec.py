@@ -52,7 +52,7 @@ class SweepConfig:
     search_seed: int = 0  # seeds the search-space draws
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs fit
     cpus_per_trial: float = 1.0  # CPUs reserved per sampling trial (training trials reserve none: their Ray Train workers do)
-    resume: bool = False  # continue an interrupted sweep of this name (Tuner.restore)
+    resume: bool = False  # continue an interrupted sweep of this name (finished trials are kept from done/)
 
     def __post_init__(self):
         if not self.methods:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +79,14 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     from orchestrator.storage.store import WeightStore
 
     assert len(WeightStore(last["store"]).read().w) == 24
+    assert Path(last["store"]).is_relative_to(run_dir.parent / f"{run_dir.name}-zero-shot-tasks")  # beside the run
+
+    # An --out that is, holds or lies inside the source run is refused before anything is written.
+    before = tree_digest(run_dir)
+    for out in (run_dir, run_dir / "zero_shot" / "x", run_dir.parent):
+        r = run_cli("pipelines.zero_shot", "--tasks", str(task_file), "--from", str(run_dir), "--out", str(out), "--no-progress")
+        assert r.returncode == 2 and "outside that run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert tree_digest(run_dir) == before
 
     # The same command again resumes: nothing is retrained, a new parent run is logged.
     r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
@@ -85,6 +94,13 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
     assert "1 of 1 models up to date, 0 to train" in r.stderr
     assert "sweep gamma: all 12 trials already done" in r.stderr
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root`."""
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_default_pipeline_experts_reach_95_percent_on_easyvqa(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -112,6 +113,16 @@ def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_pat
     assert len(pd.read_csv(folder / "results.csv")) == 5
 
 
+class PlantedPayload:
+    """Unpickling this creates a file: proof that code from the run directory ran."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
@@ -123,7 +134,7 @@ def test_interrupted_sweep_resumes_with_every_trial_done_exactly_once(trained_ru
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 300
     tune_state = trained_run / "sweeps" / "long" / "tune" / "trials"
-    # kill once 4 trials are done and Tune has saved its experiment state (so that --resume restores it)
+    # kill once 4 trials are done and Tune has saved its (pickled) experiment state
     while time.time() < deadline and proc.poll() is None and (
             len(list(done_dir.glob("*.json"))) < 4 or not list(tune_state.glob("experiment_state-*.json"))):
         time.sleep(0.05)
@@ -132,11 +143,21 @@ def test_interrupted_sweep_resumes_with_every_trial_done_exactly_once(trained_ru
     before = {p.name: p.stat().st_mtime_ns for p in done_dir.glob("*.json")}
     assert 4 <= len(before) < 24, f"kill landed after {len(before)} of 24 trials; the test needs it mid-sweep"
 
+    # Anyone who can write the run directory could plant a pickle where Ray or Tune keeps one: resuming must
+    # never unpickle it. Every pickle file under the run directory becomes one that creates `marker` when loaded.
+    marker = trained_run.parent / "payload-ran"
+    payload = pickle.dumps(PlantedPayload(str(marker)))
+    planted = list(trained_run.rglob("*.pkl")) + [tune_state / "tuner.pkl", tune_state / "trainable.pkl"]
+    for p in planted:
+        p.write_bytes(payload)
+    assert len(planted) > 2
+
     again = run_cli("pipelines.sweep", *args[3:-2])  # without --resume: refused, with the fix in the message
     assert again.returncode == 2 and "--resume" in again.stderr
     r = run_cli("pipelines.sweep", *args[3:], "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "restoring the Tune experiment" in r.stderr  # Tuner.restore
+    assert f"{len(before)} already done (kept)" in r.stderr
+    assert not marker.exists(), "a planted pickle was loaded"
 
     after = {p.name: p.stat().st_mtime_ns for p in done_dir.glob("*.json")}
     assert len(after) == 24
