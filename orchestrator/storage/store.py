@@ -1,10 +1,13 @@
 """The weight store: Parquet shards of flat expert weights with metadata, checksums and a manifest.
 
 Layout under `root`: `shard-XXXXX-<hash>.parquet` files (one row per expert and checkpoint step) and
-`manifest.json`, which lists completed shards with their row count and file sha256. Only the driver
-writes; every write is a temporary file renamed into place, so a crash leaves either the old state
-or the new one. A shard is trusted only when its file hash matches the manifest and every row's
-weight checksum matches its weights.
+`manifest.json`, which lists completed shards with their row count and file sha256. Every write is a
+temporary file renamed into place, so a crash leaves either the old state or the new one, and every
+manifest update is a read-modify-write under a file lock, so two writers cannot lose each other's
+shards. A shard is trusted only when its file hash matches the manifest and every row's weight
+checksum matches its weights. All rows share one config hash: a shard of another config is refused
+when written, and a store holding two is reported as damaged when read, never returned mixed. A lost
+manifest is rebuilt from the shard files whose row checksums verify.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from orchestrator.storage.arrow_vectors import to_column, to_matrix
 from orchestrator.storage.atomic import atomic_path, write_json
 
 MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
 META_COLUMNS = [
     "task_id", "description", "split", "seed", "step", "final", "layout_id",
     "support_acc", "support_loss", "query_acc", "query_loss", "config_hash", "shard_id", "checksum",
@@ -69,11 +73,24 @@ class WeightStore:
         self.root = Path(root)
 
     # -- manifest -------------------------------------------------------------------------------
+    def _lock(self):
+        """The lock every manifest read-modify-write holds (a file lock: other processes too)."""
+        from filelock import FileLock
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / MANIFEST_LOCK))
+
     def manifest(self) -> dict:
-        """The manifest (empty when the store is new). A corrupt manifest is an error, not an empty store."""
+        """The manifest (empty when the store is new; rebuilt from the shard files when it was lost).
+
+        A corrupt manifest is an error, not an empty store."""
         path = self.root / MANIFEST
         if not path.exists():
-            return {"shards": {}}
+            if not any(self.root.glob("shard-*.parquet")):
+                return {"shards": {}}
+            with self._lock():
+                if not path.exists():
+                    self._save_manifest(self._rebuilt_manifest())
         import json
 
         try:
@@ -87,6 +104,23 @@ class WeightStore:
     def _save_manifest(self, manifest: dict) -> None:
         write_json(self.root / MANIFEST, manifest)
 
+    def _rebuilt_manifest(self) -> dict:
+        """A manifest of the shard files whose rows all verify (the others are left for the farm to retrain)."""
+        shards, hashes = {}, set()
+        for path in sorted(self.root.glob("shard-*.parquet")):
+            try:
+                table = pq.read_table(path)
+            except Exception:  # noqa: BLE001 - unreadable: not listed, so the farm retrains it
+                continue
+            if _bad_rows(to_matrix(table.column("w")), table.column("checksum").to_pylist(), path.name):
+                continue
+            hashes.update(table.column("config_hash").to_pylist())
+            shards[path.stem] = {"rows": table.num_rows, "file_sha256": file_sha256(path), "rebuilt": True}
+        if len(hashes) > 1:
+            raise StoreError(f"{self.root} holds shards of {len(hashes)} configs ({', '.join(sorted(hashes))}) and no "
+                             "manifest; move the store aside and rerun the experts stage")
+        return {"shards": shards, **({"config_hash": hashes.pop()} if hashes else {})}
+
     # -- writing --------------------------------------------------------------------------------
     def write_shard(self, shard_id: str, meta: pd.DataFrame, w: np.ndarray, info: dict) -> Path:
         """Atomically write one shard (metadata rows + weights [n, P]) and record it in the manifest."""
@@ -99,18 +133,29 @@ class WeightStore:
         cols["w"] = to_column(w)
         table = pa.Table.from_pydict(cols, schema=schema)
         path = self.root / f"{shard_id}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp, compression="zstd")
-        manifest = self.manifest()
-        manifest["shards"][shard_id] = {"rows": len(meta), "file_sha256": file_sha256(path), **info}
-        self._save_manifest(manifest)
+        with self._lock():
+            manifest = self.manifest()
+            hashes = set(meta["config_hash"]) | ({manifest["config_hash"]} if manifest.get("config_hash") else set())
+            if len(hashes) > 1:
+                raise StoreError(f"shard {shard_id}: its config hash differs from the store's ({', '.join(sorted(hashes))}); "
+                                 "experts of two configs are never mixed: use a new --run-dir or delete the store")
+            with atomic_path(path) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+            manifest["shards"][shard_id] = {"rows": len(meta), "file_sha256": file_sha256(path), **info}
+            if hashes:
+                manifest.setdefault("config_hash", hashes.pop())
+            self._save_manifest(manifest)
         return path
 
     def set_info(self, **info) -> None:
         """Record store-wide facts (layout id, config hash) in the manifest."""
-        manifest = self.manifest()
-        manifest.update(info)
-        self._save_manifest(manifest)
+        with self._lock():
+            manifest = self.manifest()
+            if manifest["shards"] and "config_hash" in info and manifest.get("config_hash") not in (None, info["config_hash"]):
+                raise StoreError(f"{self.root} holds experts of config {manifest['config_hash']}, not {info['config_hash']}; "
+                                 "use a new --run-dir or delete the store")
+            manifest.update(info)
+            self._save_manifest(manifest)
 
     # -- verifying ------------------------------------------------------------------------------
     def verify_shard(self, shard_id: str, manifest: dict | None = None) -> str | None:
@@ -145,6 +190,7 @@ class WeightStore:
         if not shards:
             raise StoreError(f"no weights in {self.root}: run `python -m pipelines.experts` first")
         meta = pd.concat([self._read_table(s, columns=META_COLUMNS).to_pandas() for s in shards])
+        self._check_one_config(meta)
         return meta[meta["final"]].reset_index(drop=True) if final_only else meta.reset_index(drop=True)
 
     def _read_table(self, shard_id: str, **kw) -> pa.Table:
@@ -194,7 +240,17 @@ class WeightStore:
                 raise StoreError(f"{bad}; rerun `python -m pipelines.experts` with the same run directory to retrain it")
             weights.append(w)
             metas.append(t.drop_columns(["w"]).to_pandas())
-        return StoredWeights(w=torch.from_numpy(np.concatenate(weights)), meta=pd.concat(metas, ignore_index=True))
+        meta = pd.concat(metas, ignore_index=True)
+        self._check_one_config(meta)
+        return StoredWeights(w=torch.from_numpy(np.concatenate(weights)), meta=meta)
+
+    def _check_one_config(self, meta: pd.DataFrame) -> None:
+        """Refuse rows of several configs, or of a config the manifest does not name: a damaged store."""
+        want = self.manifest().get("config_hash")
+        hashes = set(meta["config_hash"]) | ({want} if want else set())
+        if len(hashes) > 1:
+            raise StoreError(f"{self.root} is damaged: it holds experts of {len(hashes)} configs ({', '.join(sorted(hashes))}); "
+                             "move it aside and rerun the experts stage")
 
 
 def _bad_rows(w: np.ndarray, checksums: list[str], name: str) -> str | None:

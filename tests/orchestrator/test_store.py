@@ -13,6 +13,7 @@ import pytest
 from orchestrator.storage.atomic import atomic_path, write_json
 from orchestrator.storage.store import (
     MANIFEST,
+    MANIFEST_LOCK,
     META_COLUMNS,
     StoreError,
     WeightStore,
@@ -187,7 +188,7 @@ def test_nan_weights_refused_and_nothing_written(tmp_path):
 def test_no_temporary_files_after_writes(store):
     m, w = make_rows("train", ["t9"], [0], [10], seed=9)
     store.write_shard("shard-00000-aa", m, w, {})  # overwrite an existing shard
-    assert sorted(os.listdir(store.root)) == [MANIFEST, "shard-00000-aa.parquet", "shard-00001-bb.parquet"]
+    assert sorted(os.listdir(store.root)) == [MANIFEST_LOCK, MANIFEST, "shard-00000-aa.parquet", "shard-00001-bb.parquet"]
     assert store.verify_shard("shard-00000-aa") is None
     assert keys(store.read(split="train").meta) == {("t9", 0, 10)}
 
@@ -237,3 +238,47 @@ def test_read_rejects_shard_whose_metadata_changed_after_write(store):
     assert store.verify_shard(sid) is not None  # verify_shard sees it...
     with pytest.raises(StoreError, match=sid):  # ...read() should too
         store.read(split="train")
+
+
+def test_shard_of_another_config_is_refused_and_nothing_written(store):
+    m, w = make_rows("train", ["t9"], [0], [10], seed=9)
+    before = json.loads((store.root / MANIFEST).read_text())
+    with pytest.raises(StoreError, match="config hash differs"):
+        store.write_shard("shard-00002-cc", m.assign(config_hash="cfg2"), w, {})
+    assert not (store.root / "shard-00002-cc.parquet").exists()
+    assert json.loads((store.root / MANIFEST).read_text()) == before
+    with pytest.raises(StoreError, match="holds experts of config"):
+        store.set_info(config_hash="cfg2")
+
+
+def test_rows_of_two_configs_are_reported_as_damaged_never_returned(store):
+    """A shard written behind the store's back with another config hash: reads refuse the whole store."""
+    m, w = make_rows("train", ["t9"], [0], [10], seed=9)
+    other = WeightStore(store.root.parent / "other")
+    other.write_shard("shard-00002-cc", m.assign(config_hash="cfg2"), w, {})
+    os.replace(other.root / "shard-00002-cc.parquet", store.root / "shard-00002-cc.parquet")
+    manifest = json.loads((store.root / MANIFEST).read_text())
+    manifest["shards"]["shard-00002-cc"] = json.loads((other.root / MANIFEST).read_text())["shards"]["shard-00002-cc"]
+    write_json(store.root / MANIFEST, manifest)
+    for read in (store.read, store.read_meta):
+        with pytest.raises(StoreError, match="damaged: it holds experts of 2 configs"):
+            read()
+
+
+def test_lost_manifest_is_rebuilt_from_the_shards_that_verify(store):
+    """Deleting manifest.json loses nothing: every intact shard is listed again; a damaged one is left out."""
+    want = store.read()
+    (store.root / MANIFEST).unlink()
+    assert store.verify_shard("shard-00000-aa") is None and store.verify_shard("shard-00001-bb") is None
+    got = store.read()
+    assert np.array_equal(got.w.numpy(), want.w.numpy()) and keys(got.meta) == keys(want.meta)
+    assert store.manifest()["config_hash"] == "cfg1"
+
+    (store.root / MANIFEST).unlink()
+    table = pq.read_table(store.root / "shard-00001-bb.parquet")
+    w = table.column("w").to_pylist()
+    w[0][0] += 1.0  # a valid Parquet file whose weights no longer match their checksum
+    cols = {n: table.column(n) for n in table.column_names if n != "w"}
+    pq.write_table(pa.Table.from_pydict({**cols, "w": pa.array(w, type=table.schema.field("w").type)}, schema=table.schema),
+                   store.root / "shard-00001-bb.parquet")
+    assert store.completed_shards() == ["shard-00000-aa"]
