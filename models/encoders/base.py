@@ -71,32 +71,53 @@ def check_texts(texts: list[str]) -> list[str]:
     return texts
 
 
+def not_a_file(path: str) -> str | None:
+    """Why `path` is not a readable image file ("not found", "a directory"), or None when it is a file."""
+    if os.path.isfile(path):
+        return None
+    return "a directory, not a file" if os.path.isdir(path) else "not found"
+
+
+def check_image_files(paths: list[str]) -> None:
+    """Raise EncoderError naming the paths that are not existing files, and why (checked before any encoding)."""
+    bad = [(p, why) for p in paths if (why := not_a_file(p))]
+    if bad:
+        shown = ", ".join(f"{p!r} ({why})" for p, why in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise EncoderError(f"{len(bad)} image path(s) are not image files: {shown}{more}; "
+                           "check the paths (absolute, or relative to the working directory)")
+
+
 def check_paths(paths: list[str]) -> list[str]:
     """Return paths as a list of str, raising EncoderError naming any that is not an existing file."""
     if isinstance(paths, (str, os.PathLike)):
         raise EncoderError("encode() takes a list of image paths, got one path; wrap it: encode([path])")
     paths = [os.fspath(p) for p in paths]
     # Checked up front: failing after minutes of encoding because image 4,000 is missing is worse.
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        shown = ", ".join(repr(p) for p in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise EncoderError(
-            f"{len(missing)} image file(s) not found: {shown}{more}; "
-            "check the paths (absolute, or relative to the working directory) and that the files exist"
-        )
+    check_image_files(paths)
     return paths
 
 
 def load_rgb(path: str):
     """Open an image file as an RGB PIL image, or raise EncoderError naming the path."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")  # convert() forces the lazy decode inside the try
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # refuse, don't decode, a huge image
+            with Image.open(path) as img:
+                return img.convert("RGB")  # convert() forces the lazy decode inside the try
     except FileNotFoundError as e:
         raise EncoderError(f"image file not found: {path!r}; check the path exists") from e
+    except IsADirectoryError as e:
+        raise EncoderError(f"image path {path!r} is a directory, not an image file; point it at the image") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise EncoderError(
+            f"image {path!r} claims {e}; refusing to decode it (a decompression bomb, or a far larger image "
+            "than the encoders need): resize it or remove it"
+        ) from e
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise EncoderError(
             f"cannot read image {path!r} ({type(e).__name__}: {e}); "

@@ -195,14 +195,9 @@ def encode_texts_cached(encoder, texts: list[str], cache: FeatureCache, progress
 def encode_images_cached(encoder, paths: list[str], cache: FeatureCache, progress: bool = False) -> np.ndarray:
     """encoder.encode(paths) through the cache, keyed by file content: float32 [len(paths), encoder.dim]."""
     paths = [os.fspath(p) for p in paths]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        from models.encoders import EncoderError
+    from models.encoders.base import check_image_files
 
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise EncoderError(
-            f"{len(missing)} image file(s) not found: {', '.join(map(repr, missing[:5]))}{more}; check the paths"
-        )
+    check_image_files(paths)
     keys = [hash_file(p) for p in paths]
     return cache.get_or_compute(
         encoder.id, keys, lambda pos: encoder.encode([paths[i] for i in pos], progress=progress).numpy()

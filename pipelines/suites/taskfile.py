@@ -8,6 +8,8 @@ from collections import Counter
 
 import numpy as np
 
+from models.encoders.base import not_a_file
+
 from .base import META_TEST, META_TRAIN, SPLITS, SuiteError, Task, TaskSuite
 from .splits import split_tasks_random, stratified_support_query, task_rng
 
@@ -47,6 +49,9 @@ def _parse_line(text: str, path: str, line: int, folder: str) -> dict:
             f"{path}, line {line}: invalid JSON ({e.msg} at column {e.colno}). "
             "Fix: each line must be one complete JSON object, e.g. {\"id\": ..., \"description\": ..., ...}"
         ) from None
+    except RecursionError:
+        raise SuiteError(f"{path}, line {line}: JSON nested too deeply to read. Fix: one flat task object per line "
+                         "(see docs/task_file.md)") from None
     if not isinstance(obj, dict):
         raise SuiteError(
             f"{path}, line {line}: expected a JSON object, got {type(obj).__name__}. Fix: one task object per line"
@@ -85,8 +90,8 @@ def _parse_line(text: str, path: str, line: int, folder: str) -> dict:
             raise _fail(path, line, f"{where}.image", f"expected a non-empty path string, got {image!r}",
                         "give the image path, absolute or relative to the task file")
         resolved = os.path.normpath(os.path.join(folder, os.path.expanduser(image)))
-        if not os.path.isfile(resolved):
-            raise _fail(path, line, f"{where}.image", f"image file not found: {resolved}",
+        if why := not_a_file(resolved):
+            raise _fail(path, line, f"{where}.image", f"image path {resolved} is {why}",
                         "check the path (relative paths are relative to the task file's folder)")
         answer = ex.get("answer")
         if answer is not None and answer not in answers:
@@ -117,8 +122,13 @@ def read_task_file(
         raise SuiteError(f"task file not found: {path}")
     folder = os.path.dirname(path)
     entries, first_line = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line, text in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise SuiteError(f"{path}, line {line}: not UTF-8 text (byte {err.object[err.start]:#04x} at column "
+                                 f"{err.start + 1}). Fix: save the task file as UTF-8") from None
             if not text.strip():
                 continue  # blank lines are allowed (e.g. a trailing newline)
             e = _parse_line(text, path, line, folder)

@@ -77,11 +77,33 @@ def task_files(tmp: Path, image: str) -> dict[str, Path]:
         "duplicate_id": good + "\n" + task_line("b", image) + "\n" + good + "\n",
         "empty": "\n",
     }
+    bomb = tmp / "bomb.png"
+    bomb.write_bytes(png_header(40_000, 40_000))
+    (tmp / "a-folder.png").mkdir(exist_ok=True)
+    bodies.update({
+        "image_is_a_folder": task_line("a", str(tmp / "a-folder.png")) + "\n",
+        "decompression_bomb": task_line("a", str(bomb)) + "\n",
+        "deep_nesting": task_line("a", image)[:-1] + ', "paraphrases": ' + "[" * 100_000 + "]" * 100_000 + "}\n",
+    })
     out = {}
     for name, body in bodies.items():
         out[name] = tmp / f"{name}.jsonl"
         out[name].write_text(body)
+    out["not_utf8"] = tmp / "not_utf8.jsonl"
+    out["not_utf8"].write_bytes(good.encode() + b"\n" + task_line("b", image).replace("red", "r\xe9d").encode("latin-1") + b"\n")
     return out
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims width x height pixels (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
 
 
 # (name, argv after the module, words the message must contain); {run}, {tasks:<name>} are filled in per case
@@ -103,6 +125,14 @@ CASES = [
     ("empty suite (task file)", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:empty}"], ["no tasks in"]),
     ("empty suite (procedural)", ["pipelines.features", "--run-dir", "{run}", "--set", "suite=procedural", "--set", "n_tasks=0"],
      ["n_tasks=0", "out of range", ">= 1"]),
+    ("task file: not UTF-8", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:not_utf8}"],
+     ["line 2: not UTF-8", "byte 0xe9", "save the task file as UTF-8"]),
+    ("task file: nested too deeply", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:deep_nesting}"],
+     ["line 1: JSON nested too deeply"]),
+    ("task file: image path is a folder", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:image_is_a_folder}"],
+     ["a-folder.png is a directory, not a file"]),
+    ("image header claims 40,000 x 40,000 pixels", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:decompression_bomb}"],
+     ["bomb.png", "1600000000 pixels", "refusing to decode it"]),
 ]
 
 
