@@ -57,12 +57,22 @@ TRAINING_FIELDS = (
 )
 
 
+def untrainable_tasks(tasks: pd.DataFrame) -> dict[str, str]:
+    """{task id: why} for tasks no expert can be trained and scored on: no support or no query examples."""
+    out = {}
+    for t in tasks.itertuples():
+        if len(t.support_images) == 0 or len(t.query_images) == 0:
+            out[t.id] = "no support examples" if len(t.support_images) == 0 else "no query examples"
+    return out
+
+
 def plan_shards(tasks: pd.DataFrame, cfg, chash: str) -> list[ShardSpec]:
     """Deterministic shards of experts sorted by support size, cut at `shard_size` experts or when the
     padded work (experts x largest support set) would pass `shard_samples`: big tasks go in small
     shards, so padding wastes little and resident features stay cache-friendly."""
     sizes = tasks["support_images"].map(len).to_numpy()
-    order = sorted(range(len(tasks)), key=lambda i: (sizes[i], tasks["id"].iat[i]))
+    skip = untrainable_tasks(tasks)  # never an untrained "expert" in the store
+    order = sorted((i for i in range(len(tasks)) if tasks["id"].iat[i] not in skip), key=lambda i: (sizes[i], tasks["id"].iat[i]))
     members = [(i, s) for i in order for s in range(cfg.seeds_per_task)]
     chunks: list[list[tuple[int, int]]] = [[]]
     for m in members:
@@ -171,6 +181,7 @@ class FarmSummary:
     train_seconds: float
     flops: float
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> experts trained there
+    tasks_skipped: int = 0  # tasks left out: no support or no query examples (listed in the store's manifest)
 
     @property
     def gflops(self) -> float:
@@ -223,7 +234,13 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
         )
     if cfg.init_from:
         load_base(cfg.init_from, layout)  # fail here, clearly, not inside every actor
-    store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size, spec=asdict(layout.spec))
+    skipped = untrainable_tasks(data.tasks)
+    if skipped:
+        shown = ", ".join(f"{t!r} ({why})" for t, why in list(skipped.items())[:5])
+        log(f"farm: warning: {len(skipped)} task(s) left out, no expert can be trained and scored on them: {shown}"
+            + (" ..." if len(skipped) > 5 else ""))
+    store.set_info(config_hash=chash, layout_id=layout.id, n_weights=layout.size, spec=asdict(layout.spec),
+                   skipped_tasks=skipped)
     shards = plan_shards(data.tasks, cfg, chash)
     todo, redone = [], []
     for s in shards:  # set_info changed only store-wide keys, so `old` still lists the shards
@@ -236,7 +253,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     log(f"farm: {len(shards)} shards ({sum(len(s.members) for s in shards)} experts); "
         f"{len(shards) - len(todo)} already in the store, {len(todo)} to train")
     t0 = time.perf_counter()
-    summary = FarmSummary(0, 0, len(shards) - len(todo), redone, 0.0, 0.0, 0.0)
+    summary = FarmSummary(0, 0, len(shards) - len(todo), redone, 0.0, 0.0, 0.0, tasks_skipped=len(skipped))
     if not todo:
         return summary
     cluster_cpus = ray.cluster_resources().get("CPU", 0)

@@ -91,7 +91,7 @@ def track(summary, ctx: RunContext):
     m = {
         "experts_trained": summary.experts_trained, "shards_trained": summary.shards_trained,
         "shards_skipped": summary.shards_skipped, "shards_redone": len(summary.shards_redone),
-        "farm_seconds": summary.seconds,
+        "farm_seconds": summary.seconds, "tasks_skipped": summary.tasks_skipped,
     }
     if summary.experts_trained:
         m["experts_per_second"] = summary.experts_trained / summary.seconds

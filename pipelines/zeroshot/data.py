@@ -100,7 +100,8 @@ def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | 
     layout = WeightLayout(spec)
     assign = split_assignment(feats, mode)
     X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
-    rows = list(feats.tasks.itertuples())
+    skipped = WeightStore(run.store).manifest().get("skipped_tasks", {})  # no expert: no support or no query examples
+    rows = [r for r in feats.tasks.itertuples() if r.id not in skipped]
     tr = [r for r in rows if assign[r.id] == META_TRAIN]
     te = [r for r in rows if assign[r.id] == META_TEST]
     val_ids = validation_ids([r.id for r in tr], read_val_fraction(run) if val_fraction is None else val_fraction)

@@ -184,3 +184,23 @@ def test_more_actors_than_the_cluster_fits_finishes_with_the_ones_placed(ray_clu
     assert summary.experts_trained == len(feats.tasks)
     assert len(store.read_meta()) == len(feats.tasks)
     assert any("could not be placed" in m and "going on with the other 2" in m for m in said), said
+
+
+def test_tasks_without_support_or_query_examples_get_no_expert_and_are_recorded(ray_cluster, run_dir_with_features):
+    """No untrained "expert" (support accuracy NaN) and no NaN query accuracy ever reaches the store."""
+    from orchestrator.farm import run_farm
+    from orchestrator.storage.suite_features import SuiteFeatures
+
+    feats = SuiteFeatures.load(run_dir_with_features / "features")
+    empty = np.array([], dtype=np.int64)
+    no_support, no_query = feats.tasks["id"].iat[0], feats.tasks["id"].iat[1]
+    feats.tasks.at[0, "support_images"], feats.tasks.at[0, "support_labels"] = empty, empty
+    feats.tasks.at[1, "query_images"], feats.tasks.at[1, "query_labels"] = empty, empty
+    store = WeightStore(run_dir_with_features / "store" / "weights")
+    said: list[str] = []
+    summary = run_farm(feats, experts_cfg(), store, progress=False, log=said.append)
+    meta = store.read_meta()
+    assert summary.tasks_skipped == 2 and summary.experts_trained == len(feats.tasks) - 2 == len(meta)
+    assert {no_support, no_query}.isdisjoint(meta["task_id"]) and meta[["support_acc", "query_acc"]].notna().all().all()
+    assert store.manifest()["skipped_tasks"] == {no_support: "no support examples", no_query: "no query examples"}
+    assert any("2 task(s) left out" in m and no_support in m for m in said), said
