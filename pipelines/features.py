@@ -142,14 +142,38 @@ def apply_projection(img: np.ndarray, path: Path) -> np.ndarray:
     return ((img - p["mean"]) @ p["components"].T).astype(np.float32)
 
 
+def check_writable(folder: Path, name: str) -> None:
+    """A ConfigError naming the field unless `folder` exists (or can be made) and takes files; checked before any work."""
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot write to {folder} ({e.strerror}); choose a writable folder") from None
+
+
+def saved_config_hash(folder: Path) -> str | None:
+    """The config hash recorded in a features folder's info.json; None when missing or unreadable (then rebuilt)."""
+    try:
+        return json.loads((folder / "info.json").read_text()).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def run(cfg: FeaturesConfig, ctx: RunContext):
     """Build (or reuse) `<run_dir>/features` for this config; returns the SuiteFeatures."""
+    from orchestrator.storage.atomic import atomic_dir
     from orchestrator.storage.feature_cache import FeatureCache, encode_images_cached, encode_texts_cached
     from orchestrator.storage.suite_features import FeaturesError, SuiteFeatures
 
     out = ctx.run.features
+    for name, folder in (("export_tasks", cfg.export_tasks and Path(cfg.export_tasks).parent), ("cache_dir", cfg.cache_dir)):
+        if folder:
+            check_writable(Path(folder), name)
     chash = features_hash(cfg)
-    reuse = (out / "info.json").exists() and json.loads((out / "info.json").read_text()).get("config_hash") == chash
+    reuse = saved_config_hash(out) == chash
     if reuse and not cfg.export_tasks:
         try:
             feats = SuiteFeatures.load(out)
@@ -181,33 +205,34 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
     t_img = time.perf_counter()
     img = encode_images_cached(image_enc, paths, cache, progress=ctx.progress)
     t_img = time.perf_counter() - t_img
-    if 0 < cfg.image_dims < min(img.shape):
-        img = fit_projection(img, cfg.image_dims, out / PROJECTION_FILE)
-    else:
-        (out / PROJECTION_FILE).unlink(missing_ok=True)  # a stale one would misproject new task files
-        if 0 < cfg.image_dims < img.shape[1]:  # too few images to estimate that many components
+    # Everything goes to a temporary sibling folder that replaces `out` whole once complete: a failure
+    # leaves the previous features (and their image projection) as they were.
+    with atomic_dir(out) as staged:
+        if 0 < cfg.image_dims < min(img.shape):
+            img = fit_projection(img, cfg.image_dims, staged / PROJECTION_FILE)
+        elif 0 < cfg.image_dims < img.shape[1]:  # too few images to estimate that many components
             ctx.log(f"features: {len(img)} images are fewer than image_dims={cfg.image_dims}; keeping all {img.shape[1]} dims")
-    texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
-    text_id = {s: i for i, s in enumerate(texts)}
-    txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)
-    tasks = pd.DataFrame([
-        dict(
-            id=t.id, description=t.description, split=t.split, answers=list(t.answers),
-            answer_prompts=list(t.answer_prompts), concepts=list(t.concepts),
-            desc_text=text_id[t.description], prompt_texts=np.array([text_id[p] for p in t.answer_prompts]),
-            support_images=remap[t.support_images], support_labels=np.asarray(t.support_labels, dtype=np.int64),
-            query_images=remap[t.query_images], query_labels=np.asarray(t.query_labels, dtype=np.int64),
+        texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
+        text_id = {s: i for i, s in enumerate(texts)}
+        txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)
+        tasks = pd.DataFrame([
+            dict(
+                id=t.id, description=t.description, split=t.split, answers=list(t.answers),
+                answer_prompts=list(t.answer_prompts), concepts=list(t.concepts),
+                desc_text=text_id[t.description], prompt_texts=np.array([text_id[p] for p in t.answer_prompts]),
+                support_images=remap[t.support_images], support_labels=np.asarray(t.support_labels, dtype=np.int64),
+                query_images=remap[t.query_images], query_labels=np.asarray(t.query_labels, dtype=np.int64),
+            )
+            for t in suite.tasks
+        ])
+        info = dict(
+            config_hash=chash, suite=suite.name, suite_info=suite.info, text_encoder=text_enc.id,
+            image_encoder=image_enc.id, d_img=int(img.shape[1]), d_txt=int(txt.shape[1]),
+            n_tasks=len(tasks), n_images=len(paths), splits=tasks["split"].value_counts().to_dict(),
+            config=json.loads(json.dumps(asdict(cfg), default=str)),  # lets pipelines.zero_shot encode new tasks alike
         )
-        for t in suite.tasks
-    ])
-    info = dict(
-        config_hash=chash, suite=suite.name, suite_info=suite.info, text_encoder=text_enc.id,
-        image_encoder=image_enc.id, d_img=int(img.shape[1]), d_txt=int(txt.shape[1]),
-        n_tasks=len(tasks), n_images=len(paths), splits=tasks["split"].value_counts().to_dict(),
-        config=json.loads(json.dumps(asdict(cfg), default=str)),  # lets pipelines.zero_shot encode new tasks alike
-    )
-    feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
-    feats.save(out)
+        feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
+        feats.save(staged)
     ctx.timings["features_image_encode_s"] = t_img
     ctx.log(f"features: wrote {out} in {time.perf_counter() - t0:.1f}s (images {t_img:.1f}s)")
     return feats

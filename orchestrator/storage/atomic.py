@@ -28,6 +28,32 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; on success it replaces `path` whole, on failure it is removed.
+
+    A multi-file output (features) is never half old, half new: readers see the previous folder until
+    the new one is complete. The swap is two renames; a crash between them leaves `path` missing and
+    the previous contents in `.<name>.old-*`, never a mix."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: Path, obj) -> None:
     """Atomically write `obj` as indented JSON."""
     with atomic_path(path) as tmp:

@@ -133,6 +133,10 @@ CASES = [
      ["a-folder.png is a directory, not a file"]),
     ("image header claims 40,000 x 40,000 pixels", ["pipelines.features", "--run-dir", "{run}", "--tasks", "{tasks:decompression_bomb}"],
      ["bomb.png", "1600000000 pixels", "refusing to decode it"]),
+    ("export_tasks under an unwritable path", ["pipelines.features", "--run-dir", "{run}", "--set", "export_tasks=/proc/weightgen/t.jsonl"],
+     ["export_tasks: cannot write to /proc/weightgen", "writable folder"]),
+    ("cache_dir under an unwritable path", ["pipelines.features", "--run-dir", "{run}", "--set", "cache_dir=/proc/weightgen"],
+     ["cache_dir: cannot write to /proc/weightgen", "writable folder"]),
 ]
 
 
@@ -233,3 +237,15 @@ def test_store_with_nan_weights_or_a_truncated_shard_is_refused_by_name(tmp_path
         store.read_meta()
     assert store.verify_shard(good_sid) is None
     assert snapshot(store.root) == before, "reading a broken store changes nothing"
+
+
+def test_garbage_features_info_is_rebuilt_not_a_traceback(existing_run, tmp_path):
+    """A damaged features/info.json makes the features stage rebuild the folder (derived data), once."""
+    run = tmp_path / "run"
+    shutil.copytree(existing_run / "features", run / "features")
+    shutil.copytree(existing_run / "cache", run / "cache")
+    (run / "features" / "info.json").write_text("{garbage")
+    r = run_cli("pipelines.features", "--preset", "smoke", "--run-dir", str(run), "--no-progress")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert json.loads((run / "features" / "info.json").read_text())["n_tasks"] == 24
+    assert not [p for p in run.iterdir() if p.name.startswith(".features.")], "a staging folder was left behind"
