@@ -124,6 +124,12 @@ def run_trials(
 
     Trials run on reused Tune actors, so a trial function may cache loaded data per process.
     """
+    import ray
+
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    if any(not t.get("train") for t in trials) and cpus_per_trial > largest:  # Tune would wait for ever
+        raise SweepError(f"each sampling trial asks for {cpus_per_trial:g} CPU but the largest node has {largest:g}; "
+                         "lower cpus_per_trial (on an autoscaling cluster, start a node that size first)")
     storage = (Path(sweep_dir) / TUNE_DIR).resolve()
     trainable = tune.with_resources(functools.partial(_trainable, fn), functools.partial(_resources, cpus_per_trial))
     key = str(storage)

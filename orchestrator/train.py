@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from ray.train.torch import TorchTrainer, prepare_model
 from orchestrator.storage.atomic import write_json
 from orchestrator.storage.rundir import RunDir
 
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
 CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint (DESIGN.md §5)
 METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a resumed run keep its curve
@@ -65,10 +67,16 @@ def launch(
     num_workers: int = 1,
     max_failures: int = 0,
     cpus_per_worker: int = 1,
+    start_timeout_s: float = 300.0,
 ) -> TrainResult:
-    """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume."""
+    """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume.
+
+    A worker group that cannot be placed within `start_timeout_s` (an autoscaler may add nodes meanwhile)
+    is one TrainError saying what was asked and what the cluster has; Ray Train alone would retry for ever.
+    """
     storage = RunDir.of(run_dir).ray_train
     storage.mkdir(parents=True, exist_ok=True)
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
     trainer = TorchTrainer(
         train_loop_per_worker=functools.partial(_entry, loop),
         train_loop_config=dict(config),
@@ -77,13 +85,22 @@ def launch(
             name=name,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures),
+            # controller_failure_limit=0: a worker group that timed out starting is not retried for ever
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
         ),
     )
     t0 = time.perf_counter()
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
+        if "worker group startup timed out" in str(e):
+            cpus = ray.cluster_resources().get("CPU", 0)
+            largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+            raise TrainError(
+                f"Ray Train could not place {num_workers} worker(s) x {cpus_per_worker} CPU for {name!r} within "
+                f"{start_timeout_s:g}s: the cluster has {cpus:g} CPU ({largest:g} on its largest node); lower the "
+                "stage's num_workers, or add nodes, then rerun (finished models are kept)"
+            ) from None
         raise TrainError(
             f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage / name}; "
             "launch again with the same name and run_dir to resume from the latest one."

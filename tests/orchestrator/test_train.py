@@ -219,3 +219,15 @@ def test_worker_failure_is_retried_within_one_launch(ray_cluster, tmp_path):
     assert [m["restored_from"] for m in run.metrics] == [0] * 10 + [10] * 10
     _, ref_state = reference(cfg)
     assert all(torch.equal(run.state[k], ref_state[k]) for k in ref_state), "1 worker: bit-exact"
+
+
+def test_worker_group_that_cannot_be_placed_fails_after_the_timeout(ray_cluster, tmp_path):
+    """8 CPUs per worker on a 2-CPU Ray: one TrainError with what was asked and what the cluster has, not a hang."""
+    t0 = time.perf_counter()
+    with pytest.raises(train.TrainError) as e:
+        train.launch(toy_loop, {**BASE, "steps": 2}, name="toy-unplaceable", run_dir=tmp_path, num_workers=1,
+                     cpus_per_worker=8, start_timeout_s=5)
+    took = time.perf_counter() - t0
+    assert took < 90, f"took {took:.0f}s"
+    msg = str(e.value)
+    assert "1 worker(s) x 8 CPU" in msg and "the cluster has 2 CPU" in msg and "num_workers" in msg, msg
