@@ -185,6 +185,15 @@ def test_training_sweep_trains_its_own_models_through_ray_train(trained_run):
     assert sorted(table["train.hyperldm.steps"]) == [10, 20]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_no_node_can_hold_are_refused_before_tune_waits(trained_run):
+    r = run_cli("pipelines.sweep", "--run-dir", str(trained_run), "--no-progress", "--set", "name=big",
+                "--set", "methods=hnet_hyperldm", "--set", "cpus_per_trial=8", timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "asks for 8 CPU but the largest node has 2" in r.stderr and "cpus_per_trial" in r.stderr
+
+
 def test_unknown_parameter_in_a_spec_fails_before_any_trial(tmp_path):
     spec = tmp_path / "bad.yaml"
     spec.write_text("name: bad\nguidance_scale: [1, 4]\nguidance_scael: [1]\n")
