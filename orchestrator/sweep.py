@@ -20,6 +20,7 @@ import numpy as np
 from ray import tune
 from tqdm import tqdm
 
+from models.errors import UserError
 from orchestrator.storage.atomic import write_json
 
 TUNE_DIR = "tune"  # Tune's experiment storage under the sweep directory
@@ -28,7 +29,7 @@ METRIC_KEYS = ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_second
 DOMAINS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint, "choice": tune.choice}
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """A sweep cannot start or resume as asked; the message says what to do."""
 
 

@@ -29,6 +29,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from models.errors import UserError
 from orchestrator.storage.atomic import write_json
 
 STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
@@ -37,7 +38,7 @@ METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a r
 STORAGE_DIR = "ray_train"  # under run_dir; Ray Train V2 needs an absolute storage_path
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A Ray Train run failed; the message says where its checkpoints are and how to resume."""
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from models.errors import UserError
+
 PRESETS = ("smoke", "default")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config field, value or preset; the message names it and the valid choices."""
 
 
@@ -130,16 +132,14 @@ def prepare_run_dir(run_dir: Path) -> Path:
 
 
 def guarded(main: Callable[[], int | None]) -> Callable[[], None]:
-    """Run a CLI entry point: known errors become one clear line on stderr and exit code 2."""
+    """Run a CLI entry point: a UserError becomes one clear line on stderr and exit code 2."""
 
     def wrapper() -> None:
-        from pipelines.core.errors import user_errors
-
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             code = main()
-        except user_errors() as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
