@@ -156,12 +156,8 @@ def track(out: SweepOutput, ctx: RunContext):
         if c["guidance_scale"] == c["guidance_scale"]:  # not NaN
             m[f"{base}/guidance_scale"] = c["guidance_scale"]
     if out.parent_id != ctx.tracker.run_id:
-        from mlflow.tracking import MlflowClient
-
         try:
-            client = MlflowClient(ctx.tracker.uri)
-            for p in out.paths:
-                client.log_artifact(out.parent_id, str(p))
+            ctx.tracker.copy_artifacts(out.parent_id, out.paths)
         except Exception as e:  # noqa: BLE001 - the files stay in the sweep folder; this run still gets them below
             ctx.log(f"sweep: could not copy the results to MLflow run {out.parent_id} ({e})")
     return m, out.paths

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from models.errors import UserError
+from orchestrator.tracking.base import NoopTracker, Tracker
 
 PRESETS = ("smoke", "default")
 
@@ -95,7 +96,7 @@ class RunContext:
     run_dir: Path
     address: str | None = None
     progress: bool = True
-    tracker: Any = None
+    tracker: Tracker = field(default_factory=NoopTracker)  # the runner sets an MlflowTracker
     ray: Any = None
     timings: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)  # in-memory outputs of the stages run so far

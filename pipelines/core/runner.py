@@ -63,9 +63,9 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     run_dir = prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset))
     ctx = RunContext(run_dir=run_dir, address=args.address, progress=not args.no_progress)
     t_start = time.perf_counter()
-    from orchestrator.tracking.tracker import Tracker
+    from orchestrator.tracking import MlflowTracker
 
-    ctx.tracker = Tracker(run_dir)
+    ctx.tracker = MlflowTracker(run_dir)
     ctx.log(f"run directory: {run_dir}")
     ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
     try:
