@@ -4,8 +4,10 @@ The caller (pipelines.sweep) expands its spec into a list of trial configs and g
 `fn(trial) -> metrics`; this module runs them as Ray Tune trials, sized to the cluster, with a
 progress bar, and resumes an interrupted sweep with `Tuner.restore` (finished trials are not rerun).
 Only the driver writes to MLflow (DESIGN.md §4: SQLite locks under concurrent writers): a Tune
-callback logs each trial as it finishes, and `log_missing` fills in any trial whose run a killed
-driver never wrote, so every trial ends with exactly one child run (found by its `trial_key` tag).
+callback logs each trial as it finishes, and the caller logs every finished trial again at the end
+(pipelines.sweep.run), which fills in any trial whose run a killed driver never wrote. `MlflowTrials.log`
+skips a trial that already has a child run (found by its `trial_key` tag), so every trial ends with
+exactly one child run.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Stage `sweep`: Ray Tune trials over guidance scale, sampler, HyperCLIP guidance, seeds, baselines and training settings.
 
     python -m pipelines.sweep --run-dir runs/default                       # the default γ sweep
-    python -m pipelines.sweep --run-dir runs/default --spec sweeps/gamma.yaml --set guidance_scale=0,1,4
+    python -m pipelines.sweep --run-dir runs/default --spec configs/sweeps/gamma.yaml --set guidance_scale=0,1,4
     python -m pipelines.sweep --run-dir runs/default --resume              # continue an interrupted sweep
 
 Each trial is one (method, split, seed, setting). Sampling settings reuse the run's trained models;

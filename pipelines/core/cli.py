@@ -1,8 +1,8 @@
 """The command line every stage shares: presets, --set overrides, run directory, seed, Ray address.
 
 A stage module defines a frozen config dataclass, a dict of presets (`smoke`, `default`) and
-`run(cfg, ctx)`; `stage_main` turns that into `python -m pipelines.<stage>`. Config errors are
-raised before any work starts and name the offending field.
+`run(cfg, ctx)`; `pipelines.core.runner.run_stages` turns that into `python -m pipelines.<stage>`.
+Config errors are raised before any work starts and name the offending field.
 """
 from __future__ import annotations
 
