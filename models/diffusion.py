@@ -19,7 +19,9 @@ Denoiser = Callable[..., torch.Tensor]
 SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 
 
-def cfg(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, gamma: float | torch.Tensor) -> torch.Tensor:
+def classifier_free_guidance(
+    eps_uncond: torch.Tensor, eps_cond: torch.Tensor, gamma: float | torch.Tensor
+) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6): ε(z,∅) + γ (ε(z,c) − ε(z,∅)).
 
     `torch.lerp` computes exactly that, and returns eps_cond bit for bit at γ=1 and eps_uncond at γ=0.
@@ -66,7 +68,7 @@ class Diffusion:
     def guided_eps(
         self, denoiser: Denoiser, z: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None, gamma: float
     ) -> torch.Tensor:
-        """CFG ε at one step: one batched denoiser call on [∅ rows; c rows] -> cfg(...) [B, d_z]."""
+        """CFG ε at one step: one batched denoiser call on [∅ rows; c rows] -> classifier_free_guidance(...) [B, d_z]."""
         B = len(z)
         t = torch.as_tensor(t, device=z.device).expand(B)  # [B]
         if c is None:
@@ -75,7 +77,7 @@ class Diffusion:
         drop = torch.arange(2 * B, device=z.device) < B  # [2B]
         eps = denoiser(torch.cat([z, z]), torch.cat([t, t]), torch.cat([c, c]), drop=drop)  # [2B, d_z]
         eps_uncond, eps_cond = eps.chunk(2)  # [B, d_z] each
-        return cfg(eps_uncond, eps_cond, gamma)
+        return classifier_free_guidance(eps_uncond, eps_cond, gamma)
 
     @torch.no_grad()
     def sample(

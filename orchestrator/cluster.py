@@ -9,8 +9,10 @@ from dataclasses import dataclass
 
 import ray
 
+from models.errors import UserError
 
-class ClusterError(RuntimeError):
+
+class ClusterError(UserError, RuntimeError):
     """Ray could not be started or reached; the message says what to check."""
 
 

@@ -18,6 +18,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from models.errors import UserError
 from models.expert_training import evaluate_experts, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 from orchestrator.storage.store import StoreError, WeightStore
@@ -32,7 +33,7 @@ class ShardSpec:
     members: tuple[tuple[int, int], ...]
 
 
-class FarmError(RuntimeError):
+class FarmError(UserError, RuntimeError):
     """The farm cannot start (e.g. a bad init_from file); the message says what to fix."""
 
 

@@ -7,8 +7,10 @@ pickled trials inside experiment_state JSON), and unpickling a file from a share
 whatever code was planted there. The caller resumes from its own JSON records of finished trials and
 hands this module only the trials still to run; Tune's folder is cleared before every start.
 Only the driver writes to MLflow (DESIGN.md §4: SQLite locks under concurrent writers): a Tune
-callback logs each trial as it finishes, and `log_missing` fills in any trial whose run a killed
-driver never wrote, so every trial ends with exactly one child run (found by its `trial_key` tag).
+callback logs each trial as it finishes, and the caller logs every finished trial again at the end
+(pipelines.sweep.run), which fills in any trial whose run a killed driver never wrote. `MlflowTrials.log`
+skips a trial that already has a child run (found by its `trial_key` tag), so every trial ends with
+exactly one child run.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 from ray import tune
 from tqdm import tqdm
 
+from models.errors import UserError
 from orchestrator.storage.atomic import write_json
 
 TUNE_DIR = "tune"  # Tune's experiment storage under the sweep directory
@@ -32,7 +35,7 @@ METRIC_KEYS = ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_second
 DOMAINS = {"uniform": tune.uniform, "loguniform": tune.loguniform, "randint": tune.randint, "choice": tune.choice}
 
 
-class SweepError(RuntimeError):
+class SweepError(UserError, RuntimeError):
     """A sweep cannot start or resume as asked; the message says what to do."""
 
 

@@ -30,6 +30,7 @@ import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
+from models.errors import UserError
 from orchestrator.storage.atomic import write_json
 from orchestrator.storage.rundir import RunDir
 
@@ -40,7 +41,7 @@ METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a r
 
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A Ray Train run failed; the message says where its checkpoints are and how to resume."""
 
 

@@ -1,7 +1,7 @@
 """Stage `sweep`: Ray Tune trials over guidance scale, sampler, HyperCLIP guidance, seeds, baselines and training settings.
 
     python -m pipelines.sweep --run-dir runs/default                       # the default γ sweep
-    python -m pipelines.sweep --run-dir runs/default --spec sweeps/gamma.yaml --set guidance_scale=0,1,4
+    python -m pipelines.sweep --run-dir runs/default --spec configs/sweeps/gamma.yaml --set guidance_scale=0,1,4
     python -m pipelines.sweep --run-dir runs/default --resume              # continue an interrupted sweep
 
 Each trial is one (method, split, seed, setting). Sampling settings reuse the run's trained models;
@@ -161,12 +161,8 @@ def track(out: SweepOutput, ctx: RunContext):
         if c["guidance_scale"] == c["guidance_scale"]:  # not NaN
             m[f"{base}/guidance_scale"] = c["guidance_scale"]
     if out.parent_id != ctx.tracker.run_id:
-        from mlflow.tracking import MlflowClient
-
         try:
-            client = MlflowClient(ctx.tracker.uri)
-            for p in out.paths:
-                client.log_artifact(out.parent_id, str(p))
+            ctx.tracker.copy_artifacts(out.parent_id, out.paths)
         except Exception as e:  # noqa: BLE001 - the files stay in the sweep folder; this run still gets them below
             ctx.log(f"sweep: could not copy the results to MLflow run {out.parent_id} ({e})")
     return m, out.paths

@@ -10,13 +10,15 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from models.errors import UserError
+
 # The offline default: Hugging Face libraries read these once, at import, so set them before any of
 # them is imported. setdefault keeps an explicit HF_HUB_OFFLINE=0 on a machine that may download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
-class EncoderError(ValueError):
+class EncoderError(UserError, ValueError):
     """Bad encoder name, option, weights or input; the message says what was wrong and how to fix it."""
 
 

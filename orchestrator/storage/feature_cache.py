@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from models.errors import UserError
 from orchestrator.storage.arrow_vectors import to_column, to_matrix
 from orchestrator.storage.atomic import atomic_path
 
@@ -26,7 +27,7 @@ PART_GLOB = "part-*.parquet"
 ID_FILE = "ENCODER_ID"
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(UserError, ValueError):
     """Inconsistent cache content or compute result; the message says how to fix it."""
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from models.errors import UserError
 from orchestrator.storage.arrow_vectors import to_column, to_matrix
 from orchestrator.storage.atomic import atomic_path, write_json
 
@@ -32,7 +33,7 @@ META_COLUMNS = [
 ]
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """The store is missing, corrupt or inconsistent; the message says which shard and how to repair it."""
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from models.errors import UserError
 from models.expert_training import ExpertBatch, pad_batch
 from orchestrator.storage.arrow_vectors import to_column, to_matrix
 from orchestrator.storage.atomic import atomic_path, write_json
@@ -27,7 +28,7 @@ TASK_COLUMNS = [
 ]
 
 
-class FeaturesError(RuntimeError):
+class FeaturesError(UserError, RuntimeError):
     """The features folder is missing or unreadable; the message says how to rebuild it."""
 
 

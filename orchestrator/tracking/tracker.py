@@ -1,13 +1,14 @@
-"""MLflow tracking: one parent run per pipeline invocation, one child run per stage; only the driver writes.
+"""`MlflowTracker`, the MLflow `Tracker`: one parent run per invocation, one child run per stage; only the driver writes.
 
 Default store: SQLite under the run directory with artifacts beside it, so a run directory is
 self-contained; `MLFLOW_TRACKING_URI` points elsewhere (e.g. an `mlflow server` on the head node).
 
-Outages: tracking must never cost results. Every write goes through `Tracker._send`. When the store
-cannot be reached (server down, network, a locked database) the tracker says so once, stops calling
-it, and appends each write to `<run_dir>/mlflow_pending/` (orchestrator.tracking.buffer); the
-pipeline goes on. The buffer is replayed in order, each record once, when the invocation ends, when
-the next one starts, or with `python -m orchestrator.tracking replay RUN_DIR`.
+Outages: tracking must never cost results. When the store cannot be reached (server down, network,
+a locked database) the tracker says so once, stops calling it, and appends each write (`_start`,
+`_end`, `_send`) to `<run_dir>/mlflow_pending/` (orchestrator.tracking.buffer); the pipeline goes on.
+The buffer is replayed in order, each record once, when the invocation ends, when the next one
+starts, or with `python -m orchestrator.tracking replay RUN_DIR`. `copy_artifacts` alone is not
+buffered: it raises, and its caller still has the files.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 # MLflow's HTTP defaults retry a dead server for minutes per call; a short retry, then the buffer.
@@ -50,7 +51,7 @@ def is_outage(e: BaseException) -> bool:
     return isinstance(e, (requests.RequestException, OSError, TimeoutError)) or type(e).__name__ == "OperationalError"
 
 
-class Tracker:
+class MlflowTracker:
     """Logs a pipeline invocation to MLflow, buffering on disk whatever cannot be sent."""
 
     def __init__(self, run_dir: Path, experiment: str = EXPERIMENT, log=None):
@@ -122,6 +123,11 @@ class Tracker:
         self._send({"op": "artifact", "ref": ref, "folder": folder},
                    lambda: self.client.log_artifact(ref, str(path), artifact_path=folder),
                    keep=lambda r: {**r, "file": self.pending.keep_file(Path(path))})
+
+    def copy_artifacts(self, run_id: str, paths: Iterable[Path]) -> None:
+        """Copy files into an earlier run's artifacts now; not buffered, so an unreachable store raises."""
+        for p in paths:
+            self.client.log_artifact(run_id, str(p))
 
     def ui_command(self) -> str:
         """The command that opens this store in the MLflow UI, bound to loopback."""
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     if not PendingLog(args.run_dir).path.exists():
         print(f"nothing buffered in {args.run_dir}")
         return 0
-    return 0 if Tracker(args.run_dir).flush() else 1
+    return 0 if MlflowTracker(args.run_dir).flush() else 1
 
 
 if __name__ == "__main__":

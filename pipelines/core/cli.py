@@ -1,8 +1,8 @@
 """The command line every stage shares: presets, --set overrides, run directory, seed, Ray address.
 
 A stage module defines a frozen config dataclass, a dict of presets (`smoke`, `default`) and
-`run(cfg, ctx)`; `stage_main` turns that into `python -m pipelines.<stage>`. Config errors are
-raised before any work starts and name the offending field.
+`run(cfg, ctx)`; `pipelines.core.runner.run_stages` turns that into `python -m pipelines.<stage>`.
+Config errors are raised before any work starts and name the offending field.
 """
 from __future__ import annotations
 
@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from orchestrator.storage.rundir import RunDir
 
+from models.errors import UserError
+from orchestrator.tracking.base import NoopTracker, Tracker
+
 PRESETS = ("smoke", "default")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config field, value or preset; the message names it and the valid choices."""
 
 
@@ -96,7 +99,7 @@ class RunContext:
     run: "RunDir"  # every path of the run (orchestrator.storage.rundir)
     address: str | None = None
     progress: bool = True
-    tracker: Any = None
+    tracker: Tracker = field(default_factory=NoopTracker)  # the runner sets an MlflowTracker
     ray: Any = None
     timings: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)  # in-memory outputs of the stages run so far
@@ -138,16 +141,14 @@ def prepare_run_dir(run_dir: Path) -> Path:
 
 
 def guarded(main: Callable[[], int | None]) -> Callable[[], None]:
-    """Run a CLI entry point: known errors become one clear line on stderr and exit code 2."""
+    """Run a CLI entry point: a UserError becomes one clear line on stderr and exit code 2."""
 
     def wrapper() -> None:
-        from pipelines.core.errors import user_errors
-
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         try:
             code = main()
-        except user_errors() as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:

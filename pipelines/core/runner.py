@@ -65,9 +65,9 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
     ctx = RunContext(run=run, address=args.address, progress=not args.no_progress)
     t_start = time.perf_counter()
-    from orchestrator.tracking.tracker import Tracker
+    from orchestrator.tracking import MlflowTracker
 
-    ctx.tracker = Tracker(run.root)
+    ctx.tracker = MlflowTracker(run.root)
     ctx.log(f"run directory: {run.root}")
     ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
     try:

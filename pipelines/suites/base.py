@@ -5,12 +5,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from models.errors import UserError
+
 META_TRAIN = "meta_train"
 META_TEST = "meta_test"
 SPLITS = (META_TRAIN, META_TEST)
 
 
-class SuiteError(ValueError):
+class SuiteError(UserError, ValueError):
     """Bad task-suite input (malformed file, missing image, empty suite); the message says how to fix it."""
 
 

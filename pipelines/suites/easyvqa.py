@@ -90,12 +90,6 @@ def task_id_for(question: str) -> str:
     return f"easyvqa-{slug}-{hashlib.sha1(question.encode('utf-8')).hexdigest()[:6]}"
 
 
-def all_concepts() -> tuple[str, ...]:
-    """Every concept an easyvqa question mentions (valid values for `holdout`)."""
-    raw = read_easyvqa()
-    return tuple(sorted({c for q in set(raw.questions) for c in question_concepts(q)}))
-
-
 def image_attributes() -> tuple[np.ndarray, np.ndarray, dict]:
     """Each image's (colour, shape) read off its answers: int arrays over `read_easyvqa().images`, -1 = dropped."""
     raw = read_easyvqa()

@@ -45,21 +45,6 @@ def stratified_support_query(
     return rng.permutation(cat(support)), rng.permutation(cat(query))
 
 
-def balanced_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Pick up to `n` positions with answers as equal in count as the pools allow (water-filling)."""
-    labels = np.asarray(labels)
-    classes, sizes = np.unique(labels, return_counts=True)
-    order = np.argsort(sizes, kind="stable")  # small pools first, so their shortfall goes to bigger ones
-    remaining, picked = min(int(n), len(labels)), []
-    for i, j in enumerate(order):
-        q = min(int(sizes[j]), remaining // (len(order) - i))
-        pool = np.flatnonzero(labels == classes[j])
-        picked.append(rng.choice(pool, size=q, replace=False))
-        remaining -= q
-    out = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-    return rng.permutation(out.astype(np.int64))
-
-
 def stratified_subsample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Pick `n` positions keeping answer proportions (each answer keeps >= 1 sample when n allows)."""
     labels = np.asarray(labels)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.errors import UserError
 from models.task_net import TaskNetSpec, WeightLayout
 from models.weight_norm import WeightNormalizer
 from models.zeroshot.tasks import TaskData
@@ -31,7 +32,7 @@ from pipelines.suites.splits import assign_splits
 VAL_SEED = 0  # one validation split per (split, fraction), the same for every training seed
 
 
-class ZeroShotError(RuntimeError):
+class ZeroShotError(UserError, RuntimeError):
     """A zero-shot stage's input is missing; the message says which stage to run first."""
 
 

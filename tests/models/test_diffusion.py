@@ -6,7 +6,7 @@ import torch
 
 from models.layers import SinusoidalEmbedding
 from models.zeroshot.denoiser import ConditionEmbedder, LatentDenoiser
-from models.diffusion import EMA, Diffusion, Standardizer, cfg
+from models.diffusion import EMA, Diffusion, Standardizer, classifier_free_guidance
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -34,12 +34,12 @@ def oracle(diff: Diffusion, z0: torch.Tensor):
 
 
 # -- guidance arithmetic ------------------------------------------------------------------------
-def test_cfg_pure_function_endpoints_and_extrapolation():
+def test_classifier_free_guidance_endpoints_and_extrapolation():
     g = torch.Generator().manual_seed(0)
     u, c = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
-    assert torch.equal(cfg(u, c, 1.0), c)
-    assert torch.equal(cfg(u, c, 0.0), u)
-    torch.testing.assert_close(cfg(u, c, 7.5), u + 7.5 * (c - u))
+    assert torch.equal(classifier_free_guidance(u, c, 1.0), c)
+    assert torch.equal(classifier_free_guidance(u, c, 0.0), u)
+    torch.testing.assert_close(classifier_free_guidance(u, c, 7.5), u + 7.5 * (c - u))
 
 
 def test_guided_eps_through_batched_call_is_exact_at_gamma_0_and_1():

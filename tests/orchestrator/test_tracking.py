@@ -1,6 +1,7 @@
 """The tracker's outage buffer without a server: everything logged while MLflow is unreachable is kept
 on disk and replayed in order, exactly once, even when a replay is itself cut short.
-(The same with a real `mlflow server` killed mid-run: tests/orchestrator/test_faults.py.)"""
+(The same with a real `mlflow server` killed mid-run: tests/orchestrator/test_faults.py.)
+Also: both trackers satisfy the `Tracker` protocol, and `NoopTracker` records nothing."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 import pytest
 from mlflow.tracking import MlflowClient
 
+from orchestrator.tracking import MlflowTracker, NoopTracker, Tracker
 from orchestrator.tracking import tracker as tracking
-from orchestrator.tracking.tracker import Tracker
 from orchestrator.tracking.buffer import PendingLog
 
 pytestmark = pytest.mark.mlflow
@@ -53,7 +54,7 @@ def offline_run(run_dir, monkeypatch) -> list[str]:
     msgs: list[str] = []
     (run_dir / "out.txt").parent.mkdir(parents=True, exist_ok=True)
     (run_dir / "out.txt").write_text("v1")
-    t = Tracker(run_dir, log=msgs.append)
+    t = MlflowTracker(run_dir, log=msgs.append)
     assert not t.online and t.experiment_id is None
     with t.pipeline("full", tags={"preset": "smoke"}) as parent:
         for name in ("features", "experts"):
@@ -81,9 +82,9 @@ def test_offline_run_is_buffered_then_replayed_once(offline, tmp_path):
     assert ops == ["start", "start", "params", "artifact", "metrics", "artifact", "end",
                    "start", "params", "artifact", "metrics", "artifact", "end", "metrics", "end"]
 
-    # MLflow is back (here: the run directory's own SQLite store): the next Tracker sends everything first
+    # MLflow is back (here: the run directory's own SQLite store): the next tracker sends everything first
     msgs.clear()
-    t = Tracker(run_dir, log=msgs.append)
+    t = MlflowTracker(run_dir, log=msgs.append)
     assert t.online and any("sent 15 buffered records" in m for m in msgs), msgs
     assert not PendingLog(run_dir).path.exists()
     client, runs = runs_by_name(run_dir)
@@ -102,7 +103,7 @@ def test_offline_run_is_buffered_then_replayed_once(offline, tmp_path):
 
 def test_replay_cut_short_twice_creates_nothing_twice(offline, tmp_path):
     run_dir = copy_of(offline, tmp_path)
-    t = Tracker(tmp_path / "back")  # MLflow back (a SQLite store): nothing pending there at start
+    t = MlflowTracker(tmp_path / "back")  # MLflow back (a SQLite store): nothing pending there at start
     t.pending = PendingLog(run_dir)  # replay the offline run's buffer into it, by hand
 
     calls = {"n": 0}
@@ -134,10 +135,42 @@ def test_a_record_the_server_refuses_is_set_aside_not_dropped(offline, tmp_path)
     records.insert(3, {**records[2], "params": {"steps": "999"}})
     PendingLog(run_dir).path.write_text("".join(json.dumps(r) + "\n" for r in records))
     msgs: list[str] = []
-    Tracker(run_dir, log=msgs.append)
+    MlflowTracker(run_dir, log=msgs.append)
     assert any("refused a buffered params record" in m for m in msgs), msgs
     rejected = PendingLog(run_dir).records_rejected()
     assert len(rejected) == 1 and rejected[0]["params"] == {"steps": "999"} and "error" in rejected[0]
     assert not PendingLog(run_dir).path.exists(), "everything else was sent"
     _, runs = runs_by_name(run_dir)
     assert runs["features"].data.params["steps"] == "3" and runs["experts"].info.status == "FINISHED"
+
+
+def test_both_trackers_satisfy_the_protocol(tmp_path):
+    assert isinstance(NoopTracker(), Tracker)
+    assert isinstance(MlflowTracker(tmp_path / "run"), Tracker)
+
+
+def test_noop_tracker_records_nothing(tmp_path):
+    (tmp_path / "out.txt").write_text("x")
+    t = NoopTracker()
+    with t.pipeline("full") as parent:
+        with t.stage("features", Cfg()) as ref:
+            assert parent is None and ref is None and t.run_id is None
+            t.metrics({"n": 1.0}, step=1)
+            t.artifact(tmp_path / "out.txt")
+        t.copy_artifacts("some-run", [tmp_path / "out.txt"])
+    assert t.flush() and t.experiment_id is None and "nothing is tracked" in t.ui_command()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.txt"], "no store, no buffer"
+
+
+def test_copy_artifacts_reaches_an_earlier_run(tmp_path):
+    """A resumed sweep copies its results to the parent run that started it, not only to its own."""
+    run_dir = tmp_path / "run"
+    t = MlflowTracker(run_dir)
+    with t.pipeline("first") as first:
+        pass
+    (tmp_path / "results.csv").write_text("a,b\n")
+    with t.pipeline("second") as second:
+        t.copy_artifacts(first, [tmp_path / "results.csv"])
+    client, _ = runs_by_name(run_dir)
+    assert {a.path for a in client.list_artifacts(first)} == {"results.csv"}
+    assert client.list_artifacts(second) == []

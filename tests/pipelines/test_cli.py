@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 
 
 @pytest.mark.parametrize("stage", ["features", "experts", "full"])
@@ -83,3 +85,22 @@ def test_unwritable_run_dir(tmp_path):
 def test_missing_task_file(tmp_path):
     r = run_cli("pipelines.features", "--run-dir", str(tmp_path / "r"), "--tasks", str(tmp_path / "nope.jsonl"))
     assert r.returncode == 2 and "nope.jsonl" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_any_user_error_is_one_line_and_exit_2_without_torch_or_ray():
+    """guarded() catches the UserError base class, whichever layer raised it, and needs no heavy import to say so."""
+    code = (
+        "import sys\n"
+        "from models.errors import UserError\n"
+        "from pipelines.core.cli import guarded\n"
+        "class LayerError(UserError, RuntimeError): pass\n"
+        "def main():\n"
+        "    raise LayerError('the thing is wrong; fix it like this')\n"
+        "try:\n"
+        "    guarded(main)()\n"
+        "except SystemExit as e:\n"
+        "    print(e.code, [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "2 []", (r.stdout, r.stderr)
+    assert r.stderr == "error: the thing is wrong; fix it like this\n"

@@ -1,12 +1,20 @@
-"""Weight normaliser, HNet (latent route trained on task losses) and HVAE, with real torch at small sizes."""
+"""Weight normaliser, HNet (latent route trained on task losses) and HVAE, with real torch at small sizes.
+
+The HNet is trained the way the generators stage trains it: a `LatentHNet` through `fit_task_model`
+and its loss `task_ce` (models.zeroshot.training).
+"""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models.expert_training import evaluate_experts, pad_batch, train_experts
-from models.zeroshot.hnet import HNet, HNetLatents, hnet_task_logits, hnet_task_loss
+from models.zeroshot.hnet import HNet, HNetLatents
 from models.zeroshot.hvae import HVAE, vae_loss
+from models.zeroshot.training import (
+    Hooks, LatentHNet, TaskData, TaskFit, fit_task_model, sample_support, task_accuracy, task_ce,
+)
 from models.task_net import TaskNetSpec, TaskNetwork, WeightLayout, init_weights, masked_logits
 from models.weight_norm import WeightNormalizer
 
@@ -102,57 +110,77 @@ def test_hnet_latents_start_at_the_meta_latent():
     assert torch.equal(lat.z, lat.meta.expand(5, -1))
 
 
-def test_hnet_task_logits_match_the_task_network():
+def init_normalizer() -> WeightNormalizer:
+    """Normalise around a cloud of inits, so the HNet's 0 output is a PyTorch-default network."""
+    return WeightNormalizer(LAYOUT).fit(torch.stack([init_weights(SMALL, s) for s in range(8)]))
+
+
+def test_task_ce_of_a_latent_hnet_matches_the_task_network():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(10, SMALL.d_img, generator=g)
+    prompts = [torch.randn(3, SMALL.d_txt, generator=g), torch.randn(2, SMALL.d_txt, generator=g)]  # 3 and 2 answers
+    sup = [(torch.arange(5), torch.tensor([0, 1, 2, 0, 1])), (torch.arange(5, 10), torch.tensor([0, 1, 1, 0, 1]))]
+    data = TaskData(LAYOUT, X, pad_batch(prompts, sup, sup), torch.randn(2, SMALL.d_txt, generator=g))
     torch.manual_seed(0)
-    hnet, norm = HNet(LAYOUT.size, d_latent=4, hidden=(8,)), WeightNormalizer(LAYOUT).fit(scaled_batch())
-    z, x, prompts = torch.randn(2, 4), torch.randn(2, 5, SMALL.d_img), torch.randn(2, 3, SMALL.d_txt)
-    mask = torch.tensor([[True, True, True], [True, True, False]])
-    logits = hnet_task_logits(hnet, z, x, prompts, mask, LAYOUT, norm)  # [2, 5, 3]
-    w = norm.decode(hnet(z))
+    model = LatentHNet(init_normalizer(), 2, 4, (8,), torch.Generator().manual_seed(0))
+    rows = torch.tensor([0, 1])
+    idx, lab = data.batch.support_idx, data.batch.support_lab  # [2, 5]
+    w = model(rows, data.c)  # [2, P]
+    loss = task_ce(data, w, rows, idx, lab)
+    want = []
     for i in range(2):
         net = TaskNetwork(SMALL)
         net.load_state_dict(LAYOUT.unflatten(w[i].detach()))
-        torch.testing.assert_close(logits[i].detach(), masked_logits(net(x[i], prompts[i]), mask[i]))
+        logits = masked_logits(net(X[idx[i]], data.batch.prompts[i]), data.batch.answer_mask[i])
+        want.append(F.cross_entropy(logits, lab[i], reduction="none"))
+    torch.testing.assert_close(loss.detach(), torch.cat(want).mean())
 
 
-def test_hnet_task_loss_ignores_padded_samples():
-    torch.manual_seed(0)
-    hnet = HNet(LAYOUT.size, d_latent=4, hidden=(8,))
-    z, x, prompts = torch.randn(2, 4), torch.randn(6, SMALL.d_img), torch.randn(2, 2, SMALL.d_txt)
-    y, mask = torch.randint(0, 2, (2, 6)), torch.ones(2, 2, dtype=torch.bool)
-    valid = torch.zeros(2, 6, dtype=torch.bool)
-    valid[:, :4] = True
-    y_junk = y.clone()
-    y_junk[:, 4:] = 1 - y_junk[:, 4:]
-    full = hnet_task_loss(hnet, z, x[:4], y[:, :4], prompts, mask, LAYOUT)
-    for labels in (y, y_junk):
-        padded = hnet_task_loss(hnet, z, x, labels, prompts, mask, LAYOUT, valid=valid)
-        torch.testing.assert_close(padded, full)
+def test_hnet_training_ignores_padded_samples():
+    """Task 0 has 4 support samples padded to task 1's 6: the padding never reaches the loss."""
+    g = torch.Generator().manual_seed(0)
+    junk_image = 20  # an image only the padding points to
+    X = torch.randn(junk_image + 1, SMALL.d_img, generator=g)
+    prompts = [torch.randn(2, SMALL.d_txt, generator=g) for _ in range(2)]
+    sup = [(torch.arange(4), torch.tensor([0, 1, 0, 1])), (torch.arange(4, 10), torch.tensor([1, 0, 1, 1, 0, 0]))]
+    batch = pad_batch(prompts, sup, sup)
+    assert batch.support_idx.shape == (2, 6) and batch.support_n.tolist() == [4, 6]
+    junk = pad_batch(prompts, sup, sup)
+    junk.support_idx[0, 4:], junk.support_lab[0, 4:] = junk_image, 1 - batch.support_lab[0, 4:]
+    idx, _ = sample_support(junk, torch.tensor([0, 1, 0, 1]), 256, torch.Generator().manual_seed(0))
+    assert (idx != junk_image).all()
+
+    def fit(b) -> tuple[list[float], LatentHNet]:
+        torch.manual_seed(0)
+        model = LatentHNet(init_normalizer(), 2, 4, (8,), torch.Generator().manual_seed(0))
+        losses: list[float] = []
+        hooks = Hooks(log=lambda step, m: losses.append(m["loss"].item()), log_every=1)
+        fit_task_model(model, TaskData(LAYOUT, X, b, torch.zeros(2, SMALL.d_txt)), TaskFit(steps=5, samples_per_task=8), 0, hooks)
+        return losses, model
+
+    (loss_a, model_a), (loss_b, model_b) = fit(batch), fit(junk)
+    assert loss_a == loss_b
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
 
 
 def train_two_opposite_tasks(steps: int = 200, seed: int = 0) -> tuple[torch.Tensor, list[float]]:
-    """One HNet, two latents, two tasks on the same images with opposite labels; returns (accuracy [2], losses)."""
+    """One LatentHNet, two tasks on the same images with opposite labels, trained by fit_task_model;
+    returns (query accuracy [2], losses)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(64, SMALL.d_img, generator=g)  # shared random image features
     y0 = (x @ torch.randn(SMALL.d_img, generator=g) > 0).long()
-    y = torch.stack([y0, 1 - y0])  # [2, 64]: task 1 answers the opposite of task 0
-    prompts = torch.randn(2, SMALL.d_txt, generator=g).expand(2, 2, SMALL.d_txt)  # same answers
-    mask = torch.ones(2, 2, dtype=torch.bool)
-    # normalise around a cloud of inits, so the HNet's 0 output is a PyTorch-default network
-    norm = WeightNormalizer(LAYOUT).fit(torch.stack([init_weights(SMALL, s) for s in range(8)]))
+    prompt = torch.randn(2, SMALL.d_txt, generator=g)  # same answers
+    tasks = [(torch.arange(64), y0), (torch.arange(64), 1 - y0)]  # task 1 answers the opposite of task 0
+    data = TaskData(LAYOUT, x, pad_batch([prompt, prompt], tasks, tasks), torch.zeros(2, SMALL.d_txt))
     torch.manual_seed(seed)
-    hnet, lat = HNet(LAYOUT.size, d_latent=8, hidden=(32, 32)), HNetLatents(2, 8)
-    opt = torch.optim.Adam([*hnet.parameters(), *lat.parameters()], lr=1e-3)
-    idx, losses = torch.arange(2), []
-    for _ in range(steps):
-        loss = hnet_task_loss(hnet, lat(idx), x, y, prompts, mask, LAYOUT, norm)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    model = LatentHNet(init_normalizer(), 2, 8, (32, 32), torch.Generator().manual_seed(seed))
+    losses: list[float] = []
+    hooks = Hooks(log=lambda step, m: losses.append(m["loss"].item()), log_every=1)
+    fit = TaskFit(steps=steps, lr=3e-3, tasks_per_step=2, samples_per_task=64)  # support drawn with replacement each step
+    fit_task_model(model, data, fit, seed, hooks)
     with torch.no_grad():
-        logits = hnet_task_logits(hnet, lat(idx), x, prompts, mask, LAYOUT, norm)  # [2, 64, 2]
-    return (logits.argmax(-1) == y).float().mean(1), losses
+        acc = task_accuracy(data, model(torch.arange(2), data.c))
+    return acc, losses
 
 
 def test_hnet_latent_route_represents_two_opposite_experts():
