@@ -16,7 +16,6 @@ from pathlib import Path
 
 from orchestrator.storage.atomic import write_text
 
-PENDING_DIR = "mlflow_pending"
 RECORDS = "records.jsonl"
 REJECTED = "rejected.jsonl"  # records the server refused for a reason other than being down (kept, never dropped)
 REF_TAG = "weightgen.ref"
@@ -34,8 +33,9 @@ def now_ms() -> int:
 class PendingLog:
     """The append-only buffer under one run directory."""
 
-    def __init__(self, run_dir: Path):
-        self.root = Path(run_dir) / PENDING_DIR
+    def __init__(self, folder: Path):
+        """Buffer in `folder` (a run's `RunDir.mlflow_pending`)."""
+        self.root = Path(folder)
         self.path = self.root / RECORDS
 
     def __len__(self) -> int:

@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from orchestrator.storage.rundir import RunDir  # noqa: E402
 from orchestrator.tracking.buffer import REF_TAG, PendingLog, new_ref, now_ms  # noqa: E402
 
 EXPERIMENT = "weightgen"
@@ -55,15 +56,16 @@ class MlflowTracker:
     """Logs a pipeline invocation to MLflow, buffering on disk whatever cannot be sent."""
 
     def __init__(self, run_dir: Path, experiment: str = EXPERIMENT, log=None):
-        self.run_dir = Path(run_dir).resolve()
+        run = RunDir.of(run_dir)
+        self.run_dir = run.root
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri writes this variable
-        self.uri = user_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
-        self.artifact_root = None if user_uri else (self.run_dir / "mlartifacts").as_uri()
+        self.uri = user_uri or f"sqlite:///{run.mlflow_db}"
+        self.artifact_root = None if user_uri else run.mlflow_artifacts.as_uri()
         self.experiment = experiment
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        self.pending = PendingLog(self.run_dir)
+        self.pending = PendingLog(run.mlflow_pending)
         self.online = True
         self.experiment_id: str | None = None  # None only while the store is unreachable
         self.parent_id: str | None = None
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("command", choices=["replay"])
     p.add_argument("run_dir", type=Path)
     args = p.parse_args(argv)
-    if not PendingLog(args.run_dir).path.exists():
+    if not PendingLog(RunDir.of(args.run_dir).mlflow_pending).path.exists():
         print(f"nothing buffered in {args.run_dir}")
         return 0
     return 0 if MlflowTracker(args.run_dir).flush() else 1

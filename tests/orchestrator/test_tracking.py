@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import MlflowTracker, NoopTracker, Tracker
 from orchestrator.tracking import tracker as tracking
+from orchestrator.storage.rundir import RunDir
 from orchestrator.tracking.buffer import PendingLog
 
 pytestmark = pytest.mark.mlflow
@@ -78,7 +79,7 @@ def test_offline_run_is_buffered_then_replayed_once(offline, tmp_path):
     run_dir, msgs = copy_of(offline, tmp_path), list(offline[1])
     assert sum("is unreachable" in m for m in msgs) == 1, "say it once"
     assert any("still unreachable" in m and "orchestrator.tracking replay" in m for m in msgs)
-    ops = [r["op"] for r in PendingLog(run_dir).records()]
+    ops = [r["op"] for r in PendingLog(RunDir(run_dir).mlflow_pending).records()]
     assert ops == ["start", "start", "params", "artifact", "metrics", "artifact", "end",
                    "start", "params", "artifact", "metrics", "artifact", "end", "metrics", "end"]
 
@@ -86,7 +87,7 @@ def test_offline_run_is_buffered_then_replayed_once(offline, tmp_path):
     msgs.clear()
     t = MlflowTracker(run_dir, log=msgs.append)
     assert t.online and any("sent 15 buffered records" in m for m in msgs), msgs
-    assert not PendingLog(run_dir).path.exists()
+    assert not PendingLog(RunDir(run_dir).mlflow_pending).path.exists()
     client, runs = runs_by_name(run_dir)
     assert set(runs) == {"full", "features", "experts"}
     for name in ("features", "experts"):
@@ -104,7 +105,7 @@ def test_offline_run_is_buffered_then_replayed_once(offline, tmp_path):
 def test_replay_cut_short_twice_creates_nothing_twice(offline, tmp_path):
     run_dir = copy_of(offline, tmp_path)
     t = MlflowTracker(tmp_path / "back")  # MLflow back (a SQLite store): nothing pending there at start
-    t.pending = PendingLog(run_dir)  # replay the offline run's buffer into it, by hand
+    t.pending = PendingLog(RunDir(run_dir).mlflow_pending)  # replay the offline run's buffer into it, by hand
 
     calls = {"n": 0}
 
@@ -130,16 +131,16 @@ def test_replay_cut_short_twice_creates_nothing_twice(offline, tmp_path):
 
 def test_a_record_the_server_refuses_is_set_aside_not_dropped(offline, tmp_path):
     run_dir = copy_of(offline, tmp_path)
-    records = PendingLog(run_dir).records()
+    records = PendingLog(RunDir(run_dir).mlflow_pending).records()
     assert records[2]["op"] == "params"  # the same param again with another value: MLflow refuses that change
     records.insert(3, {**records[2], "params": {"steps": "999"}})
-    PendingLog(run_dir).path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    PendingLog(RunDir(run_dir).mlflow_pending).path.write_text("".join(json.dumps(r) + "\n" for r in records))
     msgs: list[str] = []
     MlflowTracker(run_dir, log=msgs.append)
     assert any("refused a buffered params record" in m for m in msgs), msgs
-    rejected = PendingLog(run_dir).records_rejected()
+    rejected = PendingLog(RunDir(run_dir).mlflow_pending).records_rejected()
     assert len(rejected) == 1 and rejected[0]["params"] == {"steps": "999"} and "error" in rejected[0]
-    assert not PendingLog(run_dir).path.exists(), "everything else was sent"
+    assert not PendingLog(RunDir(run_dir).mlflow_pending).path.exists(), "everything else was sent"
     _, runs = runs_by_name(run_dir)
     assert runs["features"].data.params["steps"] == "3" and runs["experts"].info.status == "FINISHED"
 
