@@ -42,17 +42,24 @@ class PendingLog:
         return len(self.records())
 
     def records(self) -> list[dict]:
+        """The buffered records, in order; unreadable lines are skipped (`replay` sets them aside)."""
+        return self._read()[0]
+
+    def _read(self) -> tuple[list[dict], list[str]]:
+        """(records, unreadable lines): a line cut short by a crash mid-append, or damaged by hand."""
         if not self.path.exists():
-            return []
-        lines = self.path.read_text().splitlines()
-        out = []
-        for i, line in enumerate(lines):
+            return [], []
+        good, bad = [], []
+        for line in self.path.read_text(errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i != len(lines) - 1:  # only the last line can be cut short by a crash mid-append
-                    raise
-        return out
+                rec = json.loads(line)
+            except ValueError:
+                rec = None
+            if isinstance(rec, dict) and isinstance(rec.get("op"), str):
+                good.append(rec)
+            elif line.strip():
+                bad.append(line)
+        return good, bad
 
     def append(self, record: dict) -> None:
         """Add one record; flushed to the file at once, so a killed driver loses nothing already buffered."""
@@ -81,7 +88,13 @@ class PendingLog:
         Stops at the first outage (the rest stay, in order); a record refused for another reason
         goes to rejected.jsonl with the error. Progress is saved after every record.
         """
-        records = self.records()
+        records, bad = self._read()
+        if bad:  # one damaged line must not block every later run in this directory
+            log(f"{len(bad)} unreadable line(s) in {self.path} set aside in {self.root / REJECTED}")
+            with open(self.root / REJECTED, "a") as f:
+                f.writelines(json.dumps({"line": line[:2000], "error": "not a JSON record"}) + "\n" for line in bad)
+            if not records:
+                self._rewrite({}, [])
         if not records:
             return 0, 0
         ids: dict[str, str] = {}  # local ref -> server run id

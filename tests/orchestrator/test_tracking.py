@@ -175,3 +175,18 @@ def test_copy_artifacts_reaches_an_earlier_run(tmp_path):
     client, _ = runs_by_name(run_dir)
     assert {a.path for a in client.list_artifacts(first)} == {"results.csv"}
     assert client.list_artifacts(second) == []
+
+
+def test_a_garbage_line_in_the_buffer_is_set_aside_and_the_rest_is_sent(offline, tmp_path):
+    """A damaged records.jsonl (a line of garbage in the middle) blocked every later run in the directory."""
+    run_dir = copy_of(offline, tmp_path)
+    pending = PendingLog(RunDir(run_dir).mlflow_pending)
+    lines = pending.path.read_text().splitlines()
+    pending.path.write_text("\n".join(lines[:3] + ["{garbage", "[1, 2]"] + lines[3:]) + "\n")
+    msgs: list[str] = []
+    MlflowTracker(run_dir, log=msgs.append)
+    assert any("2 unreadable line(s)" in m for m in msgs), msgs
+    assert [r["line"] for r in pending.records_rejected()] == ["{garbage", "[1, 2]"]
+    assert not pending.path.exists(), "every readable record was sent"
+    _, runs = runs_by_name(run_dir)
+    assert set(runs) == {"full", "features", "experts"}
