@@ -30,6 +30,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from models.errors import UserError  # noqa: E402
 from orchestrator.storage.rundir import RunDir  # noqa: E402
 from orchestrator.tracking.buffer import REF_TAG, PendingLog, new_ref, now_ms  # noqa: E402
 
@@ -41,6 +42,40 @@ def flat_params(cfg) -> dict[str, str]:
     """A stage config as MLflow params (values stringified, long ones cut to MLflow's limit)."""
     d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     return {k: str(v)[:6000] for k, v in d.items()}
+
+
+class TrackingError(UserError):
+    """The MLflow store cannot be used as configured (unknown URI scheme, damaged or read-only SQLite file)."""
+
+
+SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
+
+def check_store(uri: str) -> None:
+    """Refuse, in one line, a store no retry can help: an unknown URI scheme, or a local SQLite file that is
+    not a database or cannot be written. An unreachable server is not refused: it is an outage, buffered."""
+    import sqlite3
+
+    scheme = uri.split(":", 1)[0].split("+", 1)[0] if ":" in uri else "file"
+    if scheme not in SCHEMES:
+        raise TrackingError(f"MLFLOW_TRACKING_URI={uri!r} names no MLflow store (schemes: {', '.join(SCHEMES)}); "
+                            "use e.g. http://127.0.0.1:5000 or sqlite:///path/mlflow.db, or unset it")
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if not path.exists():
+        return
+    try:
+        con = sqlite3.connect(path, timeout=30)
+        try:
+            con.execute("BEGIN IMMEDIATE")  # a write, rolled back: fails on a read-only file or a non-database
+            con.execute("CREATE TABLE weightgen_write_probe (a)")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as e:
+        raise TrackingError(f"the MLflow store {path} cannot be used ({e}): if it is damaged, move it aside (a new "
+                            "one is created); if it is read-only, make it writable or set MLFLOW_TRACKING_URI") from None
 
 
 def is_outage(e: BaseException) -> bool:
@@ -60,6 +95,7 @@ class MlflowTracker:
         self.run_dir = run.root
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri writes this variable
         self.uri = user_uri or f"sqlite:///{run.mlflow_db}"
+        check_store(self.uri)
         self.artifact_root = None if user_uri else run.mlflow_artifacts.as_uri()
         self.experiment = experiment
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -249,3 +250,33 @@ def test_garbage_features_info_is_rebuilt_not_a_traceback(existing_run, tmp_path
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert json.loads((run / "features" / "info.json").read_text())["n_tasks"] == 24
     assert not [p for p in run.iterdir() if p.name.startswith(".features.")], "a staging folder was left behind"
+
+
+@pytest.mark.parametrize("case", ["garbage mlflow.db", "read-only mlflow.db", "unknown tracking URI scheme"])
+def test_unusable_mlflow_store_is_one_line_before_any_work(existing_run, tmp_path, case):
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run, ignore=shutil.ignore_patterns(*MLFLOW_FILES))
+    env, db = {}, run / "mlflow.db"
+    if case == "garbage mlflow.db":
+        db.write_text("not a database")
+    elif case == "read-only mlflow.db":
+        import sqlite3
+
+        con = sqlite3.connect(db)
+        con.execute("CREATE TABLE t (a)")  # a real database: an MLflow store from an earlier run
+        con.commit()
+        con.close()
+        if subprocess.run(["chattr", "+i", str(db)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here (root ignores file modes)")
+    else:
+        env["MLFLOW_TRACKING_URI"] = "garbage://x"
+    before = snapshot(run)
+    try:
+        r = run_cli("pipelines.features", "--preset", "smoke", "--run-dir", str(run), "--no-progress", env=env)
+    finally:
+        subprocess.run(["chattr", "-i", str(db)], capture_output=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    said = {"garbage mlflow.db": "file is not a database", "read-only mlflow.db": "readonly database",
+            "unknown tracking URI scheme": "names no MLflow store"}[case]
+    assert said in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr[-3000:]
+    assert snapshot(run) == before
