@@ -57,6 +57,12 @@ TRAINING_FIELDS = (
 )
 
 
+def task_net_spec(data: SuiteFeatures, cfg) -> TaskNetSpec:
+    """The task network the farm trains on these features with this experts config (the one derivation;
+    later stages read it back from the store's manifest)."""
+    return TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale)
+
+
 def plan_shards(tasks: pd.DataFrame, cfg, chash: str) -> list[ShardSpec]:
     """Deterministic shards of experts sorted by support size, cut at `shard_size` experts or when the
     padded work (experts x largest support set) would pass `shard_samples`: big tasks go in small
@@ -110,7 +116,7 @@ def feature_tensors(data: SuiteFeatures) -> tuple[torch.Tensor, torch.Tensor]:
 def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dict:
     """Train one shard's experts; returns weights [R, P] (R = experts x checkpoints) and their metadata rows."""
     t0 = time.perf_counter()
-    spec = TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale)
+    spec = task_net_spec(data, cfg)
     layout = WeightLayout(spec)
     rows = [data.tasks.iloc[i] for i, _ in shard.members]
     feats, text = tensors if tensors is not None else feature_tensors(data)
@@ -201,7 +207,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     comes back cannot strand a shard. Only the driver writes the store, one whole shard at a time.
     """
     chash = config_hash(cfg, data.info.get("config_hash", ""))
-    layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
+    layout = WeightLayout(task_net_spec(data, cfg))
     old = store.manifest()
     if old["shards"] and old.get("config_hash") not in (None, chash):
         raise StoreError(

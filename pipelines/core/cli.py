@@ -95,6 +95,7 @@ class RunContext:
 
     run: "RunDir"  # every path of the run (orchestrator.storage.rundir)
     address: str | None = None
+    preset: str = "default"  # the invocation's preset (a stage that needs another stage's settings builds them alike)
     progress: bool = True
     tracker: Any = None
     ray: Any = None
