@@ -37,24 +37,19 @@ class FarmError(RuntimeError):
 
 
 def config_hash(cfg, features_id: str = "") -> str:
-    """Hash of what decides the trained weights: the training fields and the features they train on
-    (not where or how fast they are trained). An init_from file counts by its bytes, so replacing
-    the file, or rebuilding the features with another suite, is a new config, never a silent mix.
+    """Hash of what decides the trained weights: the experts config's result fields (its runtime fields,
+    where and how fast experts train, left out; shard layout counts, as it fixes shard ids and
+    minibatch streams) and the features they train on. An init_from file counts by its bytes, so
+    replacing the file, or rebuilding the features with another suite, is a new config, never a silent mix.
     """
-    keep = {k: v for k, v in asdict(cfg).items() if k in TRAINING_FIELDS}
+    from pipelines.core.config import result_values
+
+    keep = result_values(cfg)
     keep["features"] = features_id
     if cfg.init_from:
         with open(cfg.init_from, "rb") as f:
             keep["init_from"] = hashlib.file_digest(f, "sha256").hexdigest()
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# Fields of the experts config that decide the stored weights and shard ids (shard layout fixes shard
-# ids and minibatch streams); the rest (actors, CPUs) only decide where and how fast they are trained.
-TRAINING_FIELDS = (
-    "hidden", "logit_scale", "steps", "lr", "sample_fraction", "seeds_per_task", "init", "init_seed",
-    "init_from", "checkpoint_every", "seed", "shard_size", "shard_samples",
-)
 
 
 def task_net_spec(data: SuiteFeatures, cfg) -> TaskNetSpec:

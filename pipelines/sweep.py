@@ -1,7 +1,7 @@
 """Stage `sweep`: Ray Tune trials over guidance scale, sampler, HyperCLIP guidance, seeds, baselines and training settings.
 
     python -m pipelines.sweep --run-dir runs/default                       # the default γ sweep
-    python -m pipelines.sweep --run-dir runs/default --spec sweeps/gamma.yaml --set guidance_scale=0,1,4
+    python -m pipelines.sweep --run-dir runs/default --spec configs/sweeps/gamma.yaml --set guidance_scale=0,1,4
     python -m pipelines.sweep --run-dir runs/default --resume              # continue an interrupted sweep
 
 Each trial is one (method, split, seed, setting). Sampling settings reuse the run's trained models;
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.core.cli import ConfigError, RunContext
-from pipelines.sweeps.spec import SweepConfig, make_config  # noqa: F401  (the runner builds configs with make_config)
+from pipelines.sweeps.spec import SweepConfig
 
 CONFIG = SweepConfig
 NEEDS_RAY = True
