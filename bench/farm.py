@@ -91,9 +91,10 @@ def build_features(n_tasks: int, work: Path, seed: int):
 
 def naive_experts(feats, rows: list[int], cfg) -> tuple[float, list[float]]:
     """Train the given tasks one at a time with a textbook loop; returns (seconds, query accuracies)."""
-    from models.task_net import TaskNetSpec, TaskNetwork, WeightLayout, init_weights
+    from models.task_net import TaskNetwork, WeightLayout, init_weights
+    from orchestrator.farm import task_net_spec
 
-    spec = TaskNetSpec(d_img=feats.d_img, hidden=cfg.hidden, d_txt=feats.d_txt, logit_scale=cfg.logit_scale)
+    spec = task_net_spec(feats, cfg)
     w0 = WeightLayout(spec).unflatten(init_weights(spec, cfg.init_seed))
     x_all, t_all = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
     accs = []

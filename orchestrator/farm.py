@@ -38,11 +38,14 @@ class FarmError(UserError, RuntimeError):
 
 
 def config_hash(cfg, features_id: str = "") -> str:
-    """Hash of what decides the trained weights: the training fields and the features they train on
-    (not where or how fast they are trained). An init_from file counts by its bytes, so replacing
-    the file, or rebuilding the features with another suite, is a new config, never a silent mix.
+    """Hash of what decides the trained weights: the experts config's result fields (its runtime fields,
+    where and how fast experts train, left out; shard layout counts, as it fixes shard ids and
+    minibatch streams) and the features they train on. An init_from file counts by its bytes, so
+    replacing the file, or rebuilding the features with another suite, is a new config, never a silent mix.
     """
-    keep = {k: v for k, v in asdict(cfg).items() if k in TRAINING_FIELDS}
+    from pipelines.core.config import result_values
+
+    keep = result_values(cfg)
     keep["features"] = features_id
     if cfg.init_from:
         with open(cfg.init_from, "rb") as f:
@@ -50,12 +53,10 @@ def config_hash(cfg, features_id: str = "") -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-# Fields of the experts config that decide the stored weights and shard ids (shard layout fixes shard
-# ids and minibatch streams); the rest (actors, CPUs) only decide where and how fast they are trained.
-TRAINING_FIELDS = (
-    "hidden", "logit_scale", "steps", "lr", "sample_fraction", "seeds_per_task", "init", "init_seed",
-    "init_from", "checkpoint_every", "seed", "shard_size", "shard_samples",
-)
+def task_net_spec(data: SuiteFeatures, cfg) -> TaskNetSpec:
+    """The task network the farm trains on these features with this experts config (the one derivation;
+    later stages read it back from the store's manifest)."""
+    return TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale)
 
 
 def untrainable_tasks(tasks: pd.DataFrame) -> dict[str, str]:
@@ -121,7 +122,7 @@ def feature_tensors(data: SuiteFeatures) -> tuple[torch.Tensor, torch.Tensor]:
 def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dict:
     """Train one shard's experts; returns weights [R, P] (R = experts x checkpoints) and their metadata rows."""
     t0 = time.perf_counter()
-    spec = TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale)
+    spec = task_net_spec(data, cfg)
     layout = WeightLayout(spec)
     rows = [data.tasks.iloc[i] for i, _ in shard.members]
     feats, text = tensors if tensors is not None else feature_tensors(data)
@@ -226,7 +227,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     go on), and when none can be placed the farm stops with what it asked for and what the cluster has.
     """
     chash = config_hash(cfg, data.info.get("config_hash", ""))
-    layout = WeightLayout(TaskNetSpec(d_img=data.d_img, hidden=cfg.hidden, d_txt=data.d_txt, logit_scale=cfg.logit_scale))
+    layout = WeightLayout(task_net_spec(data, cfg))
     old = store.manifest()
     if old["shards"] and old.get("config_hash") not in (None, chash):
         raise StoreError(

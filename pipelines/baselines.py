@@ -11,36 +11,43 @@ Writes `models/baselines/`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
+from pipelines.core.config import Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
-from pipelines.core.cli import check_range
 
 
-@dataclass(frozen=True)
+@stage_config("baselines")
 class BaselinesConfig:
     """How the baselines train (task-loss Adam; MAML's inner loop)."""
 
-    steps: int = 1000  # Adam steps of multitask and the text-conditioned HNet
-    lr: float = 1e-3  # their learning rate
-    tasks_per_step: int = 16  # tasks per step
-    samples_per_task: int = 32  # support samples per task per step
-    d_latent: int = 128  # text-conditioned HNet latent size
-    hidden: tuple[int, ...] = (128, 128)  # text-conditioned HNet widths
-    maml_steps: int = 300  # MAML outer steps
-    maml_inner_steps: int = 1  # MAML inner SGD steps
-    maml_inner_lr: float = 0.1  # MAML inner learning rate
-    num_workers: int = 2  # Ray Train workers
-    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
-    log_every: int = 100  # steps between logged losses
-
-    def __post_init__(self):
-        for name in ("steps", "tasks_per_step", "samples_per_task", "d_latent", "maml_steps", "maml_inner_steps", "num_workers", "log_every"):
-            check_range(name, getattr(self, name), 1)
-        check_range("lr", self.lr, 1e-7, 1.0)
-        check_range("maml_inner_lr", self.maml_inner_lr, 0.0, 10.0)
+    steps: Annotated[int, Field(ge=1)] = 1000
+    """Adam steps of multitask and the text-conditioned HNet"""
+    lr: Annotated[float, Field(ge=1e-7, le=1.0)] = 1e-3
+    """their learning rate"""
+    tasks_per_step: Annotated[int, Field(ge=1)] = 16
+    """tasks per step"""
+    samples_per_task: Annotated[int, Field(ge=1)] = 32
+    """support samples per task per step"""
+    d_latent: Annotated[int, Field(ge=1)] = 128
+    """text-conditioned HNet latent size"""
+    hidden: tuple[int, ...] = (128, 128)
+    """text-conditioned HNet widths"""
+    maml_steps: Annotated[int, Field(ge=1)] = 300
+    """first-order MAML outer steps"""
+    maml_inner_steps: Annotated[int, Field(ge=1)] = 1
+    """MAML inner SGD steps"""
+    maml_inner_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
+    """MAML inner learning rate"""
+    num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
+    """Ray Train workers"""
+    ddp: Annotated[bool, Runtime] = False
+    """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    log_every: Annotated[int, Runtime, Field(ge=1)] = 100
+    """steps between logged losses"""
 
 
 CONFIG = BaselinesConfig

@@ -1,6 +1,6 @@
 """Stage `evaluate`: zero-shot query accuracy of every method on the meta-test tasks, per split and seed.
 
-    python -m pipelines.evaluate --run-dir runs/default --set guidance_scales=0,1,4
+    python -m pipelines.evaluate --run-dir runs/default --set guidance_scales=0,1,4 --set sampling.sampler=ddpm
 
 Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accuracy, n_tasks),
 `results/zero_shot.md` (mean ± std over seeds) and `results/zero_shot.png`; the means go to MLflow.
@@ -8,27 +8,29 @@ Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accu
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
+from typing import Annotated
 
-from pipelines.core.cli import RunContext, check_range
+from pydantic import Field
+
+from pipelines.core.cli import RunContext
+from pipelines.core.config import stage_config
 from pipelines.zeroshot.sampling import PAPER_GUIDANCE_GRID, SamplingSettings
 
 
-@dataclass(frozen=True)
+@stage_config("evaluate", seed_field=None)
 class EvaluateConfig:
     """Which guidance scales the table reports and how the generative methods sample."""
 
-    guidance_scales: tuple[float, ...] = PAPER_GUIDANCE_GRID  # HyperLDM CFG scales γ, one table row each (the paper's grid)
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)  # HyperCLIP guidance and HyperLDM sampler settings
-
-    def __post_init__(self):
-        for g in self.guidance_scales:
-            check_range("guidance_scales", g, 0.0, 100.0)
+    guidance_scales: tuple[Annotated[float, Field(ge=0.0, le=100.0)], ...] = PAPER_GUIDANCE_GRID
+    """HyperLDM classifier-free guidance scales γ, one table row each (the paper's grid)"""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    """HyperCLIP guidance and HyperLDM sampler settings"""
 
 
 CONFIG = EvaluateConfig
 NEEDS_RAY = False
-PRESETS = {"smoke": dict(guidance_scales=(0.0, 1.0), sampling=SamplingSettings(guidance_steps=5, sampler_steps=5)),
+PRESETS = {"smoke": {"guidance_scales": (0.0, 1.0), "sampling": {"guidance_steps": 5, "sampler_steps": 5}},
            "default": dict()}
 
 

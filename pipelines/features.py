@@ -11,59 +11,70 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator
 
-from pipelines.core.cli import ConfigError, RunContext, check_choice, check_range
+from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
+from pipelines.core.cli import ConfigError, RunContext
+from pipelines.core.config import Runtime, config_values, result_values, stage_config
+from pipelines.suites import SUITES
 
 SPLIT_MODES = ("random", "compositional")
 
 
-@dataclass(frozen=True)
+@stage_config("features")
 class FeaturesConfig:
     """Which tasks to build and which frozen encoders embed them."""
 
-    suite: str = "easyvqa"  # task suite: easyvqa or procedural (ignored when tasks_file is set)
-    tasks_file: str | None = None  # a JSONL task file (docs/task_file.md) used instead of a suite
-    split_mode: str = "random"  # meta-train/meta-test split: random or compositional
-    holdout: tuple[str, ...] = ("gray", "teal", "triangle")  # concepts held out by the compositional split
-    meta_test_fraction: float = 0.3  # share of tasks in meta-test (random split)
-    support_fraction: float = 0.7  # share of each task's samples in its support set
-    n_tasks: int = 1000  # procedural: number of tasks to generate
-    samples_per_task: int = 200  # procedural: images per task
-    max_samples_per_task: int | None = None  # easyvqa: cap samples per task (None keeps all)
-    text_encoder: str = "minilm"  # minilm (offline default) or open_clip
-    image_encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) or open_clip
-    image_size: int = 96  # efficientnet input size in pixels
-    image_dims: int = 128  # keep the top principal components of the image features (0: the encoder's full width)
-    clip_model: str = "ViT-L-14-336"  # open_clip model (the paper's; ViT-B-32 for quick runs); open_clip encoders only
-    clip_pretrained: str | None = "openai"  # open_clip pretrained tag or local checkpoint path (None: random init, tests only)
-    device: str = "cpu"  # where the encoders run: cpu, cuda, cuda:1 (features are cached, so encoding runs once)
-    export_tasks: str | None = None  # also write the suite as a JSONL task file here (docs/task_file.md)
-    cache_dir: str | None = None  # feature cache folder (default <run_dir>/cache/features); share it between runs
-    seed: int = 0  # seeds the support/query and task splits and procedural generation
+    suite: Literal[SUITES] = "easyvqa"
+    """task suite: easyvqa (107 question tasks) or procedural (generated predicates, 100 to 27,569 tasks); ignored when tasks_file is set"""
+    tasks_file: str | None = None
+    """a JSONL task file (docs/task_file.md) used instead of a suite (the same as --tasks)"""
+    split_mode: Literal[SPLIT_MODES] = "random"
+    """meta-train/meta-test split: random, or compositional (tasks mentioning a holdout concept go to meta-test)"""
+    holdout: tuple[str, ...] = ("gray", "teal", "triangle")
+    """concepts held out by the compositional split"""
+    meta_test_fraction: Annotated[float, Field(ge=0.01, le=0.99)] = 0.3
+    """share of tasks in meta-test (random split)"""
+    support_fraction: Annotated[float, Field(ge=0.05, le=0.95)] = 0.7
+    """share of each task's samples in its support set (stratified by answer)"""
+    n_tasks: Annotated[int, Field(ge=1)] = 1000
+    """procedural: number of tasks to generate"""
+    samples_per_task: Annotated[int, Field(ge=4)] = 200
+    """procedural: images per task"""
+    max_samples_per_task: Annotated[int, Field(ge=4)] | None = None
+    """easyvqa: cap samples per task (none keeps all)"""
+    text_encoder: Literal[TEXT_ENCODERS] = "minilm"
+    """minilm (offline default) or open_clip (optional extra)"""
+    image_encoder: Literal[IMAGE_ENCODERS] = "efficientnet_lite0"
+    """efficientnet_lite0 (offline default) or open_clip (optional extra)"""
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 96
+    """efficientnet input size in pixels"""
+    image_dims: Annotated[int, Field(ge=0)] = 128
+    """keep the top principal components of the image features (0: the encoder's full width); saved as features/image_projection.safetensors"""
+    clip_model: str = "ViT-L-14-336"
+    """open_clip model (the paper's; ViT-B-32 for quick runs); open_clip encoders only"""
+    clip_pretrained: str | None = "openai"
+    """open_clip pretrained tag or local checkpoint path (none: random init, tests only)"""
+    device: Annotated[str, Runtime] = "cpu"
+    """where the encoders run: cpu, cuda, cuda:1 (features are cached, so encoding runs once)"""
+    export_tasks: Annotated[str | None, Runtime] = None
+    """also write the suite as a JSONL task file here (docs/task_file.md)"""
+    cache_dir: Annotated[str | None, Runtime] = None
+    """feature cache folder (default <run_dir>/cache/features); point several runs at one folder to share it"""
+    seed: int = 0
+    """seeds the support/query and task splits and procedural generation"""
 
-    def __post_init__(self):
-        from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-        from pipelines.suites import SUITES
-
-        check_choice("suite", self.suite, SUITES)
-        check_choice("split_mode", self.split_mode, SPLIT_MODES)
-        check_choice("text_encoder", self.text_encoder, TEXT_ENCODERS)
-        check_choice("image_encoder", self.image_encoder, IMAGE_ENCODERS)
-        check_range("meta_test_fraction", self.meta_test_fraction, 0.01, 0.99)
-        check_range("support_fraction", self.support_fraction, 0.05, 0.95)
-        check_range("n_tasks", self.n_tasks, 1)
-        check_range("samples_per_task", self.samples_per_task, 4)
-        check_range("image_size", self.image_size, 32, 1024)
-        check_range("image_dims", self.image_dims, 0)
-        if self.max_samples_per_task is not None:
-            check_range("max_samples_per_task", self.max_samples_per_task, 4)
-        if self.tasks_file is not None and not Path(self.tasks_file).is_file():
-            raise ConfigError(f"tasks_file={self.tasks_file!r}: no such file; pass the path of a JSONL task file (docs/task_file.md)")
+    @field_validator("tasks_file")
+    @classmethod
+    def _tasks_file_exists(cls, path: str | None) -> str | None:
+        if path is not None and not Path(path).is_file():
+            raise ValueError("no such file; pass the path of a JSONL task file (docs/task_file.md)")
+        return path
 
 
 CONFIG = FeaturesConfig
@@ -101,10 +112,8 @@ def make_encoders(cfg: FeaturesConfig):
 
 
 def features_hash(cfg: FeaturesConfig) -> str:
-    """Identifies the features a config produces (the task file's bytes included)."""
-    d = asdict(cfg)
-    for where_not_what in ("cache_dir", "export_tasks", "device"):
-        d.pop(where_not_what)
+    """Identifies the features a config produces (the task file's bytes included; runtime fields left out)."""
+    d = result_values(cfg)
     if cfg.tasks_file:
         d["tasks_file_sha256"] = hashlib.sha256(Path(cfg.tasks_file).read_bytes()).hexdigest()
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -229,7 +238,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
             config_hash=chash, suite=suite.name, suite_info=suite.info, text_encoder=text_enc.id,
             image_encoder=image_enc.id, d_img=int(img.shape[1]), d_txt=int(txt.shape[1]),
             n_tasks=len(tasks), n_images=len(paths), splits=tasks["split"].value_counts().to_dict(),
-            config=json.loads(json.dumps(asdict(cfg), default=str)),  # lets pipelines.zero_shot encode new tasks alike
+            config=config_values(cfg),  # lets pipelines.zero_shot encode new tasks alike
         )
         feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
         feats.save(staged)

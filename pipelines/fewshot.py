@@ -16,116 +16,88 @@ run's checkpoint are kept.
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from pipelines.core.cli import ConfigError, RunContext, check_choice, check_range
+from pydantic import Field
+
+from pipelines.core.cli import RunContext
+from pipelines.core.config import (
+    Plan,
+    Runtime,
+    build,
+    config_values,
+    result_values,
+    stage_config,
+)
+from pipelines.episodic.settings import (
+    FinetuneSettings,
+    HyperMamlSettings,
+    HyperTransformerSettings,
+    MamlSettings,
+    MetaDiffSettings,
+)
 
 METHODS = ("maml", "fomaml", "hypermaml", "hypertransformer", "metadiff")  # models.fewshot.training.METHODS
 SPLITS = ("random", "compositional", "given")
 
 
-@dataclass(frozen=True)
+@stage_config("fewshot")
 class FewShotConfig:
-    """Which few-shot methods to meta-train, how, and how many meta-test episodes score them."""
+    """Which few-shot methods to meta-train, how, and how many meta-test episodes score them.
 
-    methods: tuple[str, ...] = METHODS  # methods to run, in table order
-    splits: tuple[str, ...] = ("random", "compositional")  # task splits (given: the features' own split)
-    shots: tuple[int, ...] = (1, 5)  # K: support examples per candidate answer
-    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds (init, episode draws)
-    train_steps: int = 150  # meta-training steps of MAML and FOMAML
-    metadiff_train_steps: int = 400  # meta-training steps of MetaDiff (at 150 its accuracy swung 0.65-0.84 between seeds)
-    tasks_per_batch: int = 16  # episodes per meta-training step of MAML, FOMAML and MetaDiff
-    hyper_train_steps: int = 300  # meta-training steps of HyperMAML and HyperTransformer (600 measured no better)
-    hyper_tasks_per_batch: int = 8  # episodes per meta-training step of HyperMAML and HyperTransformer
-    queries: int = 32  # query examples per episode (train and eval)
-    lr: float = 1e-3  # Adam learning rate of MAML's, FOMAML's and MetaDiff's meta-parameters
-    hypermaml_lr: float = 1e-3  # Adam learning rate of HyperMAML
-    ht_lr: float = 1e-3  # Adam learning rate of HyperTransformer
-    mixed_shots: bool = True  # one model per seed trained on all K in turn (False: one per seed and K, as the papers)
-    inner_steps: int = 5  # MAML/FOMAML inner steps; MetaDiff's DDIM steps (same inner-loop length)
-    inner_lr: float = 0.5  # MAML/FOMAML inner learning rate
-    hypermaml_warmup_steps: int = 5  # HyperMAML's MAML warm-up steps (paper: 5)
-    hypermaml_warmup_lr: float = 0.01  # HyperMAML's warm-up learning rate (paper: 0.01)
-    hypermaml_warmup_fraction: float = 0.2  # share of training over which the warm-up blends into the hypernetwork
-    ht_layers: str = "last"  # HyperTransformer generates the last layer (fc2) or all layers
-    ht_init_gain: float = 0.3  # HyperTransformer's initial gain of its transformer-made class rows
-    rotate_views: bool = True  # HyperMAML/HyperTransformer see h in a random basis per training episode (False: overfit the meta-train concepts)
-    metadiff_width: int = 128  # MetaDiff denoiser width
-    pretrain_steps: int = 1000  # multitask pretraining of the frozen extractor fc1 (MetaDiff, HyperMAML, HyperTransformer)
-    metadiff_target_steps: int = 100  # fine-tuning steps of each meta-train task's target fc2
-    hidden: int = 32  # task network hidden width
-    logit_scale: float = 10.0  # fixed scale of the cosine logits
-    eval_episodes: int = 600  # meta-test episodes per (method, K, seed)
-    eval_batch: int = 200  # episodes evaluated at once
-    finetune_steps: int = 10  # fine-tuning baselines: gradient steps on the support set
-    finetune_lr: float = 0.1  # fine-tuning baselines: their learning rate
-    ldm_steps: int = 20  # HyperLDM rows: DDIM steps
-    ldm_support_scale: float = 1.0  # HyperLDM rows: support-loss guidance scale, in units of the noise (untuned)
-    num_workers: int = 2  # Ray Train workers (1 CPU, 1 thread each), each training its own share of the units
-    seed: int = 0  # seeds the evaluation episodes
+    The task network is the run's own (the farm's, see `task_net`)."""
 
-    def __post_init__(self):
-        if not self.methods:
-            raise ConfigError("methods is empty; choose from " + ", ".join(METHODS))
-        for m in self.methods:
-            check_choice("methods", m, METHODS)
-        if not self.splits:
-            raise ConfigError("splits is empty; choose from " + ", ".join(SPLITS))
-        for sp in self.splits:
-            check_choice("splits", sp, SPLITS)
-        if not self.shots or not self.seeds:
-            raise ConfigError("shots and seeds must each list at least one value")
-        for k in self.shots:
-            check_range("shots", k, 1, 100)
-        check_choice("ht_layers", self.ht_layers, ("last", "all"))
-        check_range("train_steps", self.train_steps, 1)
-        check_range("metadiff_train_steps", self.metadiff_train_steps, 1)
-        check_range("tasks_per_batch", self.tasks_per_batch, 1)
-        check_range("hyper_train_steps", self.hyper_train_steps, 1)
-        check_range("hyper_tasks_per_batch", self.hyper_tasks_per_batch, 1)
-        check_range("queries", self.queries, 1)
-        for name in ("lr", "hypermaml_lr", "ht_lr"):
-            check_range(name, getattr(self, name), 1e-7, 1.0)
-        check_range("ht_init_gain", self.ht_init_gain, 0.0, 100.0)
-        check_range("inner_steps", self.inner_steps, 1, 1000)
-        check_range("inner_lr", self.inner_lr, 1e-6, 100.0)
-        check_range("hypermaml_warmup_steps", self.hypermaml_warmup_steps, 0)
-        check_range("hypermaml_warmup_fraction", self.hypermaml_warmup_fraction, 0.0, 1.0)
-        check_range("metadiff_width", self.metadiff_width, 8)
-        check_range("pretrain_steps", self.pretrain_steps, 0)
-        check_range("metadiff_target_steps", self.metadiff_target_steps, 1)
-        check_range("hidden", self.hidden, 1)
-        check_range("eval_episodes", self.eval_episodes, 2)
-        check_range("eval_batch", self.eval_batch, 1)
-        check_range("num_workers", self.num_workers, 1)
-        check_range("finetune_steps", self.finetune_steps, 0)
-        check_range("finetune_lr", self.finetune_lr, 1e-6, 100.0)
-        check_range("ldm_steps", self.ldm_steps, 1, 1000)
-        check_range("ldm_support_scale", self.ldm_support_scale, 0.0, 100.0)
+    methods: Annotated[tuple[Literal[METHODS], ...], Plan, Field(min_length=1)] = METHODS
+    """methods to run, in table order"""
+    splits: Annotated[tuple[Literal[SPLITS], ...], Plan, Field(min_length=1)] = ("random", "compositional")
+    """task splits (given: the features' own split)"""
+    shots: Annotated[tuple[Annotated[int, Field(ge=1, le=100)], ...], Field(min_length=1)] = (1, 5)
+    """K: support examples per candidate answer"""
+    seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0, 1, 2)
+    """training seeds (init, episode draws)"""
+    queries: Annotated[int, Field(ge=1)] = 32
+    """query examples per episode (train and eval)"""
+    mixed_shots: bool = True
+    """one model per seed trained on all K in turn (false: one per seed and K, as the papers)"""
+    pretrain_steps: Annotated[int, Field(ge=0)] = 1000
+    """multitask pretraining of the frozen extractor fc1 that HyperMAML, HyperTransformer and MetaDiff share"""
+    maml: MamlSettings = field(default_factory=MamlSettings)
+    """MAML's settings, shared by FOMAML"""
+    hypermaml: HyperMamlSettings = field(default_factory=HyperMamlSettings)
+    """HyperMAML's settings"""
+    hypertransformer: HyperTransformerSettings = field(default_factory=HyperTransformerSettings)
+    """HyperTransformer's settings"""
+    metadiff: MetaDiffSettings = field(default_factory=MetaDiffSettings)
+    """MetaDiff's settings"""
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    """the fine-tuned zero-shot rows' settings"""
+    eval_episodes: Annotated[int, Field(ge=2)] = 600
+    """meta-test episodes per (method, K, seed)"""
+    eval_batch: Annotated[int, Runtime, Field(ge=1)] = 200
+    """episodes evaluated at once"""
+    num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
+    """Ray Train workers (1 CPU, 1 thread each), each training its own share of the units"""
+    seed: int = 0
+    """seeds the evaluation episodes"""
 
-    def schedule(self, method: str) -> tuple[int, int, float]:
-        """(train steps, episodes per step, Adam learning rate) of `method`."""
-        if method == "hypermaml":
-            return self.hyper_train_steps, self.hyper_tasks_per_batch, self.hypermaml_lr
-        if method == "hypertransformer":
-            return self.hyper_train_steps, self.hyper_tasks_per_batch, self.ht_lr
-        if method == "metadiff":
-            return self.metadiff_train_steps, self.tasks_per_batch, self.lr
-        return self.train_steps, self.tasks_per_batch, self.lr
+    def settings(self, method: str):
+        """The settings of `method` (FOMAML uses MAML's)."""
+        return getattr(self, "maml" if method == "fomaml" else method)
 
 
 CONFIG = FewShotConfig
 NEEDS_RAY = True
 PRESETS = {
-    "smoke": dict(methods=METHODS, splits=("given",), seeds=(0,), train_steps=30, tasks_per_batch=4, hyper_train_steps=30, metadiff_train_steps=30,
-                  hyper_tasks_per_batch=4, eval_episodes=20, queries=8, pretrain_steps=20,
-                  metadiff_target_steps=10, metadiff_width=32),
-    "default": dict(),
+    "smoke": {"methods": METHODS, "splits": ("given",), "seeds": (0,), "eval_episodes": 20, "queries": 8, "pretrain_steps": 20,
+              "maml": {"train_steps": 30, "tasks_per_batch": 4}, "hypermaml": {"train_steps": 30, "tasks_per_batch": 4},
+              "hypertransformer": {"train_steps": 30, "tasks_per_batch": 4},
+              "metadiff": {"train_steps": 30, "tasks_per_batch": 4, "target_steps": 10, "width": 32}},
+    "default": {},
 }
 
 
@@ -199,12 +171,10 @@ def fewshot_loop(config: dict) -> None:
     from orchestrator.storage.suite_features import SuiteFeatures
 
     torch.set_num_threads(1)  # tiny models: a second intra-op thread only adds synchronisation
-    cfg = FewShotConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
-                           if k in FewShotConfig.__dataclass_fields__})
+    cfg = build(FewShotConfig, config["config"])
     feats = SuiteFeatures.load(Path(config["features_dir"]))
     img = torch.as_tensor(feats.image_feats)
-    spec = TaskNetSpec(feats.d_img, cfg.hidden, feats.d_txt, cfg.logit_scale)
-    hp = T.MethodParams.from_dict(config)
+    spec = TaskNetSpec(**config["spec"])
     shots = list(cfg.shots)
     state, _ = train.restore()
     restored = dict(state or {})
@@ -213,7 +183,7 @@ def fewshot_loop(config: dict) -> None:
     todo = [u for u in units if not all(f"acc.{u[0]}.{u[1]}.s{u[2]}.k{k}" in restored for k in u[3])]
     if not todo:
         return
-    costs = [STEP_COST[m] * cfg.schedule(m)[0] * cfg.schedule(m)[1] for _, m, _, _ in todo]
+    costs = [STEP_COST[m] * cfg.settings(m).train_steps * cfg.settings(m).tasks_per_batch for _, m, _, _ in todo]
     mine = assign(todo, costs, train.world_size())[train.rank()]
     pools = {sp: split_pools(feats, sp) for sp in dict.fromkeys(u[0] for u in mine)}
     episodes = {(sp, k): T.eval_episodes(p["meta_test"], k, cfg.eval_episodes, cfg.queries, cfg.seed)
@@ -223,19 +193,20 @@ def fewshot_loop(config: dict) -> None:
     out, log = {}, []
     for split, method, seed, ks in mine:
         train_pool, test_pool = pools[split]["meta_train"], pools[split]["meta_test"]
-        steps, per_step, lr = cfg.schedule(method)
+        s = cfg.settings(method)
+        steps = s.train_steps
         t0 = time.perf_counter()
-        model = T.build(method, spec, hp, seed)
-        T.prepare(model, train_pool, img, hp, seed)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        model = T.build(method, spec, s, seed)
+        T.prepare(model, train_pool, img, s, seed, cfg.pretrain_steps)
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr)
         rng = np.random.default_rng([seed, *ks])
         for step in range(steps):
-            T.set_progress(model, step, steps, hp)
+            T.set_progress(model, step, steps, s)
             k = ks[step % len(ks)]  # mixed shots: K alternates from step to step
-            loss = T.train_step(model, opt, train_pool.batch(per_step, k, cfg.queries, rng, img))
+            loss = T.train_step(model, opt, train_pool.batch(s.tasks_per_batch, k, cfg.queries, rng, img))
             if step % 100 == 0 or step == steps - 1:
                 log.append({"kind": "train", "split": split, "method": method, "seed": seed, "shots": k, "step": step, "loss": loss})
-        T.set_progress(model, steps, steps, hp)  # evaluate the finished schedule (HyperMAML: β = 1)
+        T.set_progress(model, steps, steps, s)  # evaluate the finished schedule (HyperMAML: β = 1)
         train_s = time.perf_counter() - t0
         for k in ks:
             t1 = time.perf_counter()
@@ -259,12 +230,21 @@ def fewshot_loop(config: dict) -> None:
 # ----------------------------------------------------------------------------- driver
 
 
-def config_hash(d: dict) -> str:
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def config_hash(cfg: FewShotConfig, inputs: dict) -> str:
+    """Identifies the checkpointed units' results: the config's result fields and the inputs (features, network).
+
+    Left out: runtime fields; the plan fields (which methods and splits run: results are keyed by split
+    and method, so dropping or adding one reuses the others'); the fine-tuned rows' settings (those
+    rows are scored outside the checkpoint, every time)."""
+    keep = {k: v for k, v in result_values(cfg, plan=False).items() if k != "finetune"}
+    return hashlib.sha256(json.dumps({**keep, **inputs}, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-# Fields that change neither training nor evaluation of the few-shot methods: a change keeps the checkpoint.
-RESUME_NEUTRAL = ("methods", "splits", "finetune_steps", "finetune_lr", "ldm_steps", "ldm_support_scale")
+def task_net(ctx: RunContext, feats):
+    """The run's task network, so that few-shot methods adapt the same network its experts use."""
+    from pipelines.zeroshot.data import run_spec
+
+    return run_spec(ctx.run, feats, ctx.preset)
 
 
 def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
@@ -281,10 +261,9 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     feats = SuiteFeatures.load(feats_dir)  # fails clearly (FeaturesError) before any Ray work
     suite = feats.info.get("suite", "unknown")
     pools = {sp: split_pools(feats, sp) for sp in cfg.splits}  # fails clearly (ConfigError) for a split the suite lacks
-    base = {**dataclasses.asdict(cfg), "features_dir": str(feats_dir), "features_hash": feats.info.get("config_hash")}
-    # A changed config never resumes another's results; which methods and splits are listed does not
-    # matter (results are keyed by split and method, so dropping or adding one reuses the others').
-    name = f"fewshot-{config_hash({k: v for k, v in base.items() if k not in RESUME_NEUTRAL})}"
+    inputs = {"features_dir": str(feats_dir), "features_hash": feats.info.get("config_hash"), "spec": asdict(task_net(ctx, feats))}
+    base = {"config": config_values(cfg), **inputs}
+    name = f"fewshot-{config_hash(cfg, inputs)}"  # a changed config never resumes another's results
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "
             f"on {cfg.num_workers} workers -> Ray Train run {name}")
     res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers)

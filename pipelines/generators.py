@@ -10,49 +10,54 @@ plan (splits x seeds) every later zero-shot stage follows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from pipelines.core.cli import RunContext
+from pipelines.core.config import Plan, Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
-from pipelines.core.cli import ConfigError, RunContext, check_range
 
 SPLITS = ("random", "compositional", "given")
 
 
-@dataclass(frozen=True)
+@stage_config("generators")
 class GeneratorsConfig:
     """Which splits and seeds the zero-shot stages cover, and how HNet and HVAE train."""
 
-    splits: tuple[str, ...] = ("random", "compositional")  # split modes to evaluate (given: the features' own split)
-    seeds: tuple[int, ...] = (0, 1, 2)  # training seeds of every zero-shot model (the table's mean ± std)
-    val_fraction: float = 0.15  # share of meta-train tasks held out of every zero-shot model as the validation split (sweeps choose γ there)
-    d_latent: int = 128  # latent size of HNet and HVAE (paper: 128)
-    hidden: tuple[int, ...] = (128, 128)  # MLP widths of HNet and the HVAE encoder/decoder (paper: [128, 128])
-    hnet_steps: int = 1000  # Adam steps of HNet + latents on support losses
-    hnet_lr: float = 1e-3  # HNet learning rate
-    tasks_per_step: int = 16  # tasks in each HNet step
-    samples_per_task: int = 32  # support samples per task in each HNet step
-    hvae_steps: int = 400  # Adam steps of the HVAE
-    hvae_lr: float = 1e-3  # HVAE learning rate
-    hvae_batch: int = 32  # experts per HVAE step
-    hvae_beta: float = 1.0  # KL weight of the HVAE's ELBO
-    num_workers: int = 2  # Ray Train workers
-    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
-    log_every: int = 100  # steps between logged losses
-
-    def __post_init__(self):
-        if not self.splits or not self.seeds:
-            raise ConfigError("splits and seeds must each name at least one value")
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"splits: {s!r} is not valid; choose from {', '.join(SPLITS)}")
-        for name in ("d_latent", "hnet_steps", "tasks_per_step", "samples_per_task", "hvae_steps", "hvae_batch", "num_workers", "log_every"):
-            check_range(name, getattr(self, name), 1)
-        check_range("hnet_lr", self.hnet_lr, 1e-7, 1.0)
-        check_range("hvae_lr", self.hvae_lr, 1e-7, 1.0)
-        check_range("hvae_beta", self.hvae_beta, 0.0)
-        check_range("val_fraction", self.val_fraction, 0.0, 0.5)
+    splits: Annotated[tuple[Literal[SPLITS], ...], Plan, Field(min_length=1)] = ("random", "compositional")
+    """split modes to evaluate on the same farm (given: the features' own split)"""
+    seeds: Annotated[tuple[int, ...], Plan, Field(min_length=1)] = (0, 1, 2)
+    """training seeds of every zero-shot model (the table's mean ± std)"""
+    val_fraction: Annotated[float, Plan, Field(ge=0.0, le=0.5)] = 0.15
+    """share of meta-train tasks held out of every zero-shot model (seeded, the same for all seeds) as the validation split sweeps choose settings on"""
+    d_latent: Annotated[int, Field(ge=1)] = 128
+    """latent size of HNet and HVAE (paper: 128)"""
+    hidden: tuple[int, ...] = (128, 128)
+    """MLP widths of HNet and the HVAE encoder/decoder (paper: 128,128)"""
+    hnet_steps: Annotated[int, Field(ge=1)] = 1000
+    """Adam steps of HNet + latents on the meta-train support losses"""
+    hnet_lr: Annotated[float, Field(ge=1e-7, le=1.0)] = 1e-3
+    """HNet learning rate"""
+    tasks_per_step: Annotated[int, Field(ge=1)] = 16
+    """tasks in each HNet step"""
+    samples_per_task: Annotated[int, Field(ge=1)] = 32
+    """support samples per task in each HNet step"""
+    hvae_steps: Annotated[int, Field(ge=1)] = 400
+    """Adam steps of the HVAE on the normalised meta-train experts"""
+    hvae_lr: Annotated[float, Field(ge=1e-7, le=1.0)] = 1e-3
+    """HVAE learning rate"""
+    hvae_batch: Annotated[int, Field(ge=1)] = 32
+    """experts per HVAE step"""
+    hvae_beta: Annotated[float, Field(ge=0.0)] = 1.0
+    """KL weight of the HVAE's ELBO"""
+    num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
+    """Ray Train workers"""
+    ddp: Annotated[bool, Runtime] = False
+    """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    log_every: Annotated[int, Runtime, Field(ge=1)] = 100
+    """steps between logged losses"""
 
 
 CONFIG = GeneratorsConfig

@@ -10,34 +10,35 @@ Reads `models/generators/` and the weight store, writes `models/hyperclip/`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
+from pipelines.core.config import Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
-from pipelines.core.cli import check_choice, check_range
 
 
-@dataclass(frozen=True)
+@stage_config("hyperclip")
 class HyperClipConfig:
     """How HyperCLIP trains."""
 
-    steps: int = 200  # Adam steps
-    lr: float = 1e-3  # learning rate (paper: 1e-3)
-    hidden: tuple[int, ...] = (128, 128)  # MLP widths (paper: [128, 128])
-    batch: int = 256  # (weights, description) pairs per step (all when fewer)
-    hvae_inputs: str = "experts"  # HVAE route trains on: experts (measured better for guidance) or reconstructions
-    num_workers: int = 2  # Ray Train workers
-    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
-    log_every: int = 100  # steps between logged losses
-
-    def __post_init__(self):
-        check_range("steps", self.steps, 1)
-        check_range("lr", self.lr, 1e-7, 1.0)
-        check_range("num_workers", self.num_workers, 1)
-        check_range("batch", self.batch, 2)
-        check_choice("hvae_inputs", self.hvae_inputs, ("experts", "reconstructions"))
-        check_range("log_every", self.log_every, 1)
+    steps: Annotated[int, Field(ge=1)] = 200
+    """Adam steps"""
+    lr: Annotated[float, Field(ge=1e-7, le=1.0)] = 1e-3
+    """learning rate (paper: 1e-3)"""
+    hidden: tuple[int, ...] = (128, 128)
+    """MLP widths (paper: 128,128)"""
+    batch: Annotated[int, Field(ge=2)] = 256
+    """(weights, description) pairs per step (all when fewer)"""
+    hvae_inputs: Literal["experts", "reconstructions"] = "experts"
+    """what the HVAE route's HyperCLIP trains on: the experts (measured better for guidance) or their HVAE reconstructions"""
+    num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
+    """Ray Train workers"""
+    ddp: Annotated[bool, Runtime] = False
+    """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    log_every: Annotated[int, Runtime, Field(ge=1)] = 100
+    """steps between logged losses"""
 
 
 CONFIG = HyperClipConfig

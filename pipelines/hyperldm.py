@@ -9,35 +9,40 @@ conditions dropped to a learned null embedding so classifier-free guidance can m
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated, Literal
 
+from pydantic import Field
+
+from pipelines.core.config import Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
-from pipelines.core.cli import check_choice, check_range
 
 
-@dataclass(frozen=True)
+@stage_config("hyperldm")
 class HyperLdmConfig:
     """How HyperLDM trains."""
 
-    steps: int = 3000  # Adam steps
-    lr: float = 1e-3  # learning rate
-    batch: int = 600  # (latent, t, noise) draws per step
-    hidden: int = 512  # width of the ε-MLP's two [Linear+LayerNorm+ReLU] blocks
-    timesteps: int = 1000  # diffusion steps T (paper: 1000)
-    schedule: str = "cosine"  # noise schedule (paper: cosine)
-    ema_decay: float = 0.999  # EMA of the denoiser's weights
-    drop_prob: float = 0.2  # share of conditions dropped to ∅ in training (paper: 20 %)
-    num_workers: int = 2  # Ray Train workers
-    ddp: bool = False  # True: workers share each model (DDP over gloo); False: each trains its own (split, seed) models
-    log_every: int = 500  # steps between logged losses
-
-    def __post_init__(self):
-        check_choice("schedule", self.schedule, ("cosine", "linear"))
-        for name in ("steps", "batch", "hidden", "timesteps", "num_workers", "log_every"):
-            check_range(name, getattr(self, name), 1)
-        check_range("lr", self.lr, 1e-7, 1.0)
-        check_range("ema_decay", self.ema_decay, 0.0, 1.0)
-        check_range("drop_prob", self.drop_prob, 0.0, 1.0)
+    steps: Annotated[int, Field(ge=1)] = 3000
+    """Adam steps"""
+    lr: Annotated[float, Field(ge=1e-7, le=1.0)] = 1e-3
+    """learning rate"""
+    batch: Annotated[int, Field(ge=1)] = 600
+    """(latent, t, noise) draws per step"""
+    hidden: Annotated[int, Field(ge=1)] = 512
+    """width of the ε-MLP's two [Linear+LayerNorm+ReLU] blocks"""
+    timesteps: Annotated[int, Field(ge=1)] = 1000
+    """diffusion steps T (paper: 1000)"""
+    schedule: Literal["cosine", "linear"] = "cosine"
+    """noise schedule (paper: cosine)"""
+    ema_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 0.999
+    """EMA of the denoiser's weights (the EMA weights are what is saved)"""
+    drop_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
+    """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
+    num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
+    """Ray Train workers"""
+    ddp: Annotated[bool, Runtime] = False
+    """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    log_every: Annotated[int, Runtime, Field(ge=1)] = 500
+    """steps between logged losses"""
 
 
 CONFIG = HyperLdmConfig

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.core.cli import ConfigError, RunContext
-from pipelines.sweeps.spec import SweepConfig, make_config  # noqa: F401  (the runner builds configs with make_config)
+from pipelines.sweeps.spec import SweepConfig
 
 CONFIG = SweepConfig
 NEEDS_RAY = True

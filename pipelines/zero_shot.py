@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.storage.store import WeightStore
     from pipelines import features
     from orchestrator.storage.rundir import RunDir
-    from pipelines.core.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext
+    from pipelines.core.config import build
     from pipelines.evaluate import EvaluateConfig
     from pipelines.zeroshot.data import load_split, read_plan
     from pipelines.zeroshot.methods import generate
@@ -71,10 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                           "choose a folder outside that run")
     # The run's encoder settings, the new task file; every task is a generation target.
     keep = {k: v for k, v in info["config"].items() if k not in ("tasks_file", "export_tasks", "cache_dir")}
-    overrides = [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in keep.items()]
     # image_dims=0: encode at full width, then apply the run's own projection (not one refit here).
-    overrides += [f"tasks_file={args.tasks.resolve()}", f"cache_dir={src.feature_cache}", "image_dims=0"]
-    fcfg = build_config(features.FeaturesConfig, features.PRESETS, "default", overrides)
+    fcfg = build(features.FeaturesConfig, keep,
+                 {"tasks_file": str(args.tasks.resolve()), "cache_dir": str(src.feature_cache), "image_dims": 0})
     ctx = RunContext(run=out, progress=not args.no_progress)
     feats = features.run(fcfg, ctx)
     projection = src.features / features.PROJECTION_FILE

@@ -7,7 +7,6 @@ Every method is an nn.Module with `forward(batch) -> meta-training loss` (so DDP
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,62 +22,47 @@ from models.task_net import TaskNetSpec, init_weights
 METHODS = ("maml", "fomaml", "hypermaml", "hypertransformer", "metadiff")
 
 
-@dataclass(frozen=True)
-class MethodParams:
-    """Hyperparameters of the methods (the stage's config carries the same fields)."""
-
-    inner_steps: int = 5  # MAML/FOMAML inner steps; MetaDiff's DDIM denoising steps
-    inner_lr: float = 0.5  # MAML/FOMAML inner learning rate
-    hypermaml_warmup_steps: int = 5  # HyperMAML's MAML warm-up steps (paper: 5)
-    hypermaml_warmup_lr: float = 0.01  # HyperMAML's warm-up learning rate (paper: 0.01)
-    hypermaml_warmup_fraction: float = 0.2  # share of training over which β goes 0 -> 1
-    ht_layers: str = "last"  # HyperTransformer generates the last layer or all layers
-    rotate_views: bool = True  # HyperMAML/HyperTransformer see h in a random basis per meta-training episode
-    ht_init_gain: float = 0.3  # HyperTransformer's initial output gain (scale of its generated residual)
-    metadiff_width: int = 128  # MetaDiff denoiser width
-    pretrain_steps: int = 1000  # multitask pretraining of the frozen extractor fc1 (MetaDiff, HyperMAML, HyperTransformer)
-    metadiff_target_steps: int = 100  # Adam steps of each task's target fc2
-    max_answers: int = 8  # candidate answers the hypernetworks are built for
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MethodParams":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+MAX_ANSWERS = 8  # candidate answers the hypernetworks are built for
 
 
-def build(method: str, spec: TaskNetSpec, hp: MethodParams, seed: int) -> nn.Module:
-    """A freshly initialised `method` model (torch's RNG seeded by `seed` for its own layers)."""
+def build(method: str, spec: TaskNetSpec, settings, seed: int) -> nn.Module:
+    """A freshly initialised `method` model (torch's RNG seeded by `seed` for its own layers).
+
+    `settings` holds the method's own knobs, read by name (the stage's `fewshot.<method>` section):
+    maml/fomaml inner_steps, inner_lr; hypermaml warmup_steps, warmup_lr, rotate_views;
+    hypertransformer layers, init_gain, rotate_views; metadiff denoise_steps, width.
+    """
     torch.manual_seed(seed)
+    s = settings
     if method in ("maml", "fomaml"):
-        return MAML(spec, hp.inner_steps, hp.inner_lr, first_order=method == "fomaml", seed=seed)
+        return MAML(spec, s.inner_steps, s.inner_lr, first_order=method == "fomaml", seed=seed)
     if method == "hypermaml":
-        return HyperMAML(spec, hp.max_answers, hp.hypermaml_warmup_steps, hp.hypermaml_warmup_lr,
-                         rotate=hp.rotate_views, seed=seed)
+        return HyperMAML(spec, MAX_ANSWERS, s.warmup_steps, s.warmup_lr, rotate=s.rotate_views, seed=seed)
     if method == "hypertransformer":
-        return HyperTransformer(spec, hp.ht_layers, max_answers=hp.max_answers, init_gain=hp.ht_init_gain,
-                                rotate=hp.rotate_views, seed=seed)
+        return HyperTransformer(spec, s.layers, max_answers=MAX_ANSWERS, init_gain=s.init_gain, rotate=s.rotate_views, seed=seed)
     if method == "metadiff":
-        return MetaDiff(spec, steps=hp.inner_steps, width=hp.metadiff_width)
+        return MetaDiff(spec, steps=s.denoise_steps, width=s.width)
     raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
 
 
-def prepare(model: nn.Module, pool: TaskPool, image_feats: torch.Tensor, hp: MethodParams, seed: int) -> None:
-    """Pre-meta-training work: the multitask extractor (fc1) of MetaDiff, HyperMAML and HyperTransformer,
-    and MetaDiff's per-task targets; nothing for MAML."""
+def prepare(model: nn.Module, pool: TaskPool, image_feats: torch.Tensor, settings, seed: int, pretrain_steps: int) -> None:
+    """Pre-meta-training work: the multitask extractor (fc1, `pretrain_steps` Adam steps) of MetaDiff,
+    HyperMAML and HyperTransformer, and MetaDiff's per-task targets (`settings.target_steps`); nothing for MAML."""
     if not isinstance(model, (MetaDiff, HyperMAML, HyperTransformer)):
         return
     layout = model.layout
     rng = np.random.default_rng(seed)
-    w_base = fit_multitask(layout, init_weights(layout.spec, seed), pool, image_feats, hp.pretrain_steps, rng=rng)
+    w_base = fit_multitask(layout, init_weights(layout.spec, seed), pool, image_feats, pretrain_steps, rng=rng)
     if isinstance(model, MetaDiff):
-        model.prepare(w_base, fit_targets(layout, w_base, pool, image_feats, hp.metadiff_target_steps, rng=rng))
+        model.prepare(w_base, fit_targets(layout, w_base, pool, image_feats, settings.target_steps, rng=rng))
     else:
         model.set_extractor(w_base)
 
 
-def set_progress(model: nn.Module, step: int, total: int, hp: MethodParams) -> None:
-    """Per-step schedules: HyperMAML's warm-up blend β rises linearly from 0 to 1."""
+def set_progress(model: nn.Module, step: int, total: int, settings) -> None:
+    """Per-step schedules: HyperMAML's warm-up blend β rises linearly from 0 to 1 over `settings.warmup_fraction`."""
     if isinstance(model, HyperMAML):
-        ramp = max(1, round(hp.hypermaml_warmup_fraction * total))
+        ramp = max(1, round(settings.warmup_fraction * total))
         model.blend.fill_(min(1.0, step / ramp))
 
 
@@ -132,6 +116,6 @@ def n_params(model: nn.Module) -> int:
 
 
 __all__ = [
-    "METHODS", "MethodParams", "build", "prepare", "set_progress", "train_step", "eval_episodes",
+    "METHODS", "MAX_ANSWERS", "build", "prepare", "set_progress", "train_step", "eval_episodes",
     "evaluate", "chance", "mean_ci95", "n_params",
 ]

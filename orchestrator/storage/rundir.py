@@ -1,7 +1,8 @@
 """`RunDir`: every path of a run, in one place.
 
     <root>/
-      config.yaml  command.txt  timings.json     the resolved configuration, the command line, stage times
+      config.yaml  command.txt  timings.json     the resolved configuration of every stage run here, the command
+                                                  lines (one per invocation), stage times
       features/                                   task suite embedded by the frozen encoders (+ image projection)
       cache/features/                             encoder outputs keyed by content (shareable between runs)
       store/weights/                              the expert farm's weight store (Parquet shards + manifest)

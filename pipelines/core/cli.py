@@ -1,17 +1,14 @@
 """The command line every stage shares: presets, --set overrides, run directory, seed, Ray address.
 
-A stage module defines a frozen config dataclass, a dict of presets (`smoke`, `default`) and
-`run(cfg, ctx)`; `pipelines.core.runner.run_stages` turns that into `python -m pipelines.<stage>`.
-Config errors are raised before any work starts and name the offending field.
+A stage module defines a frozen config (pipelines.core.config), a dict of presets (`smoke`,
+`default`) and `run(cfg, ctx)`; `pipelines.core.runner.run_stages` turns that into
+`python -m pipelines.<stage>`. Config errors are raised before any work starts, one line each.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,67 +26,19 @@ class ConfigError(UserError, ValueError):
     """A bad config field, value or preset; the message names it and the valid choices."""
 
 
-def field_names(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
+def build_config(cls, presets: dict[str, dict], preset: str, overrides=(), seed: int | None = None, layers=()):
+    """The preset's values, then `layers` (a --config section, a sweep spec), then `--set key=value`
+    overrides, then `--seed`; the class validates and coerces, every error is one ConfigError line."""
+    from pipelines.core import config
 
-
-def coerce_field(cls, name: str, raw: str):
-    """Parse a --set value by the field's declared type."""
-    hint = typing.get_type_hints(cls)[name]
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):  # Optional[X]
-        if raw.lower() in ("none", "null", ""):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    try:
-        if hint is bool:
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError("expected true or false")
-        if origin is tuple:
-            item = args[0] if args else str
-            return tuple(item(v.strip()) for v in raw.split(",") if v.strip())
-        return hint(raw)
-    except ValueError as e:
-        raise ConfigError(f"--set {name}={raw!r}: {e} (field type {getattr(hint, '__name__', hint)})") from None
-
-
-def build_config(cls, presets: dict[str, dict], preset: str, overrides: list[str], seed: int | None = None):
-    """Preset values, then --set field=value overrides, then --seed; validated by the class's __post_init__."""
     if preset not in presets:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    values = dict(presets[preset])
-    names = field_names(cls)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected field=value")
-        key, raw = item.split("=", 1)
-        key = key.strip()
-        if key not in names:
-            raise ConfigError(f"unknown config field {key!r} for {cls.__name__}; valid fields: {', '.join(names)}")
-        values[key] = coerce_field(cls, key, raw.strip())
-    if seed is not None and "seed" in names:
-        values["seed"] = seed
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{cls.__name__}: {e}") from None
-
-
-def check_choice(name: str, value, choices) -> None:
-    """Raise ConfigError unless value is one of choices."""
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, choices))}")
-
-
-def check_range(name: str, value, lo=None, hi=None) -> None:
-    """Raise ConfigError unless lo <= value <= hi."""
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = " and ".join(b for b in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if b)
-        raise ConfigError(f"{name}={value!r} is out of range; it must be {bounds}")
+    top = config.parse_set(cls, list(overrides))
+    if seed is not None:
+        if cls.__seed_field__ is None:
+            raise ConfigError(f"--seed: {cls.__stage__} has no seed of its own; set the stage's fields with --set")
+        top[cls.__seed_field__] = seed
+    return config.build(cls, presets[preset], *layers, top)
 
 
 @dataclass
@@ -98,6 +47,7 @@ class RunContext:
 
     run: "RunDir"  # every path of the run (orchestrator.storage.rundir)
     address: str | None = None
+    preset: str = "default"  # the invocation's preset (a stage that needs another stage's settings builds them alike)
     progress: bool = True
     tracker: Tracker = field(default_factory=NoopTracker)  # the runner sets an MlflowTracker
     ray: Any = None
@@ -119,9 +69,15 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", help=f"config preset: {', '.join(PRESETS)} (smoke is small enough for tests)")
     p.add_argument("--run-dir", type=Path, default=None, help="everything this run writes goes here (default runs/<name>)")
     p.add_argument("--name", default=None, help="run name, used for the default run directory (default: the preset)")
-    p.add_argument("--seed", type=int, default=None, help="global seed (overrides the config's seed)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="global seed: sets each stage's seed field (features, experts, fewshot: seed; sweep: search_seed)")
+    p.add_argument("--config", type=Path, default=None, metavar="FILE.yaml",
+                   help="load settings from a YAML file shaped like --print-config's output (stage: {field: value})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a config field; repeatable; an unknown field fails before any work starts")
+                   help="override a config field (nested: sampling.sampler=ddpm; a comma list fills a list field); "
+                        "repeatable; wins over --config and the preset; an unknown field fails before any work starts")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration of every stage of this command as YAML and exit")
     p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p

@@ -1,18 +1,23 @@
 """Run one stage or a chain of them: configs first (fail fast), then Ray, MLflow and the stages in order.
 
+Configs resolve as preset < --config FILE < the sweep's --spec < --set < --seed; the result is saved
+in the run's config.yaml and the command line in its command.txt before any stage starts.
+
 Each stage module provides `CONFIG` (a frozen dataclass), `PRESETS`, `NEEDS_RAY`, `run(cfg, ctx)` and
 `track(outputs, ctx) -> (metrics, artifact paths)`. A stage's in-memory output is kept in
 `ctx.outputs[name]` for the next stage, which otherwise reads it from the run directory.
 """
 from __future__ import annotations
 
-import functools
+import argparse
 import importlib
+import shlex
+import sys
 import time
 from pathlib import Path
 
 from orchestrator.storage.atomic import write_json
-from pipelines.core.cli import ConfigError, RunContext, base_parser, build_config, prepare_run_dir
+from pipelines.core.cli import PRESETS, ConfigError, RunContext, base_parser, prepare_run_dir
 
 STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep", "fewshot")  # the pipeline, in order
 
@@ -21,49 +26,138 @@ def stage_module(name: str):
     return importlib.import_module(f"pipelines.{name}")
 
 
-def split_overrides(overrides: list[str], stages: tuple[str, ...]) -> dict[str, list[str]]:
+def stages_with(key: str, mods: dict) -> list[str]:
+    """The stages among `mods` whose config accepts `key` (a dotted field name such as `sampling.sampler`)."""
+    from pipelines.core.config import valid_keys
+
+    return [s for s, m in mods.items() if key in valid_keys(m.CONFIG) or key.split(".")[0] in valid_keys(m.CONFIG)]
+
+
+def split_overrides(overrides: list[str], stages: tuple[str, ...], mods: dict | None = None) -> dict[str, list[str]]:
     """Route `--set stage.field=value` to its stage; a bare `field=value` is only allowed for one stage."""
     routed: dict[str, list[str]] = {s: [] for s in stages}
+    mods = mods or {s: stage_module(s) for s in stages}
     for item in overrides:
-        key = item.split("=", 1)[0]
+        key = item.split("=", 1)[0].strip()
         if "." in key and not (len(stages) == 1 and key.split(".")[0] not in routed):  # one stage: dotted keys are its own (train.x.y)
             stage, rest = item.split(".", 1)
             if stage not in routed:
-                raise ConfigError(f"--set {item!r}: unknown stage {stage!r}; stages here: {', '.join(stages)}")
+                owners = stages_with(key, mods)
+                hint = f"; {key} is a field of {', '.join(owners)}, e.g. --set {owners[0]}.{item}" if owners else ""
+                raise ConfigError(f"--set {item!r}: unknown stage {stage!r}; stages here: {', '.join(stages)}{hint}")
             routed[stage].append(rest)
         elif len(stages) == 1:
             routed[stages[0]].append(item)
         else:
-            raise ConfigError(f"--set {item!r}: name the stage, e.g. --set {stages[0]}.{item}")
+            owners = stages_with(key, mods)
+            where = (f"stages with a field {key!r}: {', '.join(owners)}, e.g. --set {owners[0]}.{item}" if owners
+                     else f"no stage here has a field {key!r}")
+            raise ConfigError(f"--set {item!r}: name the stage; {where}")
     return routed
+
+
+def read_config_file(path: Path) -> dict[str, dict]:
+    """A YAML config file shaped like --print-config's output: {stage: {field: value}}."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file; write one with --print-config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"--config {path}: expected a mapping of stage names to their fields, as --print-config prints")
+    unknown = [k for k in data if k not in STAGES]
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown stage {unknown[0]!r}; stages: {', '.join(STAGES)}")
+    return data
+
+
+def config_yaml(cfgs: dict) -> str:
+    """Resolved stage configs as YAML: {stage: {field: value}}, nested configs as nested mappings."""
+    from pipelines.core.config import config_values, to_yaml
+
+    return to_yaml({s: config_values(c) for s, c in cfgs.items()})
+
+
+def record_invocation(run, cfgs: dict, command: str) -> None:
+    """Save the resolved configs in the run's config.yaml (each stage run now replacing its section, the
+    other stages' kept) and append the command line to command.txt; both written atomically."""
+    import yaml
+
+    from orchestrator.storage.atomic import write_text
+    from pipelines.core.config import to_yaml
+
+    try:
+        saved = yaml.safe_load(run.config_file.read_text()) if run.config_file.exists() else {}
+    except yaml.YAMLError:
+        saved = {}  # a damaged record: rewritten from what this command knows
+    saved = saved if isinstance(saved, dict) else {}
+    saved.update(yaml.safe_load(config_yaml(cfgs)))
+    write_text(run.config_file, to_yaml(saved))
+    before = run.command_file.read_text() if run.command_file.exists() else ""
+    write_text(run.command_file, before + command + "\n")
+
+
+def resolve(args, stages: tuple[str, ...], mods: dict) -> dict:
+    """Every stage's config from the preset, --config, the sweep's --spec, --set and --seed (fail fast)."""
+    from pipelines.core.cli import build_config
+
+    routed = split_overrides(args.overrides, stages, mods)
+    layers = {s: [] for s in stages}
+    if args.config:
+        loaded = read_config_file(args.config)
+        for s in stages:
+            layers[s].append(loaded.get(s, {}))
+    if getattr(args, "tasks", None):
+        routed["features"].append(f"tasks_file={Path(args.tasks).resolve()}")
+    if getattr(args, "spec", None):
+        from pipelines.sweeps.spec import load_spec
+
+        layers["sweep"].append(load_spec(Path(args.spec)))
+    if getattr(args, "resume", False):
+        routed["sweep"].append("resume=true")
+    # one stage: --seed must mean something for it; a chain: it seeds the stages that have a seed
+    seeds = {s: args.seed if len(stages) == 1 or mods[s].CONFIG.__seed_field__ else None for s in stages}
+    return {s: build_config(mods[s].CONFIG, mods[s].PRESETS, args.preset, routed[s], seeds[s], layers[s]) for s in stages}
+
+
+def make_parser(prog: str, doc: str | None, stages: tuple[str, ...], mods: dict, argv: list[str]):
+    """The shared CLI; with --help, every stage's fields listed at the values of the chosen --preset."""
+    parser = base_parser(f"python -m pipelines.{prog}", (doc or "").strip().splitlines()[0] if doc else prog)
+    if "features" in stages:
+        parser.add_argument("--tasks", default=None, metavar="FILE", help="a JSONL task file to use instead of a suite")
+    if "sweep" in stages:
+        parser.add_argument("--spec", default=None, metavar="FILE", help="sweep spec (YAML); --set overrides its keys")
+        parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
+    if "-h" in argv or "--help" in argv:
+        from pipelines.core.config_docs import help_text
+
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--preset", default="default")
+        preset = pre.parse_known_args(argv)[0].preset
+        parser.epilog = help_text(mods, preset if preset in PRESETS else "default", prefixed=len(stages) > 1)
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser
 
 
 def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None, argv: list[str] | None = None) -> int:
     """Parse the shared CLI and run `stages` (default: just `prog`)."""
     stages = stages or (prog,)
-    parser = base_parser(f"python -m pipelines.{prog}", (doc or "").strip().splitlines()[0] if doc else prog)
-    if prog == "features" or "features" in stages:
-        parser.add_argument("--tasks", default=None, metavar="FILE", help="a JSONL task file to use instead of a suite")
-    if "sweep" in stages:
-        parser.add_argument("--spec", default=None, metavar="FILE", help="sweep spec (YAML); --set overrides its keys")
-        parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     mods = {s: stage_module(s) for s in stages}
-    routed = split_overrides(args.overrides, stages)
-    if getattr(args, "tasks", None):
-        routed["features"].append(f"tasks_file={Path(args.tasks).resolve()}")
-    if getattr(args, "spec", None):
-        routed["sweep"].insert(0, f"spec={Path(args.spec).resolve()}")
-    if getattr(args, "resume", False):
-        routed["sweep"].append("resume=true")
-    # a stage may parse its own config (the sweep's spec file and search spaces); the rest are plain dataclasses
-    cfgs = {s: (getattr(mods[s], "make_config", None) or functools.partial(build_config, mods[s].CONFIG))(
-        mods[s].PRESETS, args.preset, routed[s], args.seed) for s in stages}
+    args = make_parser(prog, doc, stages, mods, argv).parse_args(argv)
+    cfgs = resolve(args, stages, mods)
+    if args.print_config:
+        print(config_yaml(cfgs), end="")
+        return 0
 
     from orchestrator.storage.rundir import RunDir
 
     run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
-    ctx = RunContext(run=run, address=args.address, progress=not args.no_progress)
+    record_invocation(run, cfgs, shlex.join(["python", "-m", f"pipelines.{prog}", *argv]))
+    ctx = RunContext(run=run, address=args.address, preset=args.preset, progress=not args.no_progress)
     t_start = time.perf_counter()
     from orchestrator.tracking import MlflowTracker
 

@@ -64,15 +64,15 @@ def finetune_rows(
         for name, zs in FINETUNED.items():
             w_task = generate(zs, models, data.test.c, SamplingSettings())[to_data]  # [N_test, P] in pool order
             for k in episodes:
-                score(name, seed, k, lambda b: finetuned_accuracy(data.layout, w_task[b.task], b, cfg.finetune_steps, cfg.finetune_lr))
+                score(name, seed, k, lambda b: finetuned_accuracy(data.layout, w_task[b.task], b, cfg.finetune.steps, cfg.finetune.lr))
         if not all(run.model(kind, split, seed).exists() for kind in ("generators", "hyperldm")):
             log(f"fewshot: no HyperLDM for split {split!r} seed {seed}: its rows skipped")
             continue
         route, ldm = models.routes["hnet"], models.hyperldms["hnet"]
         c_task = data.test.c[to_data]  # [N_test, d_txt] descriptions in pool order
-        for name, scale in (("hnet_hyperldm", 0.0), ("hnet_hyperldm_support_guided", cfg.ldm_support_scale)):
+        for name, scale in (("hnet_hyperldm", 0.0), ("hnet_hyperldm_support_guided", cfg.finetune.ldm_support_scale)):
             for k in episodes:
-                score(name, seed, k, lambda b: guided_accuracy(data.layout, route, ldm, c_task[b.task], b, scale, cfg.ldm_steps, seed))
+                score(name, seed, k, lambda b: guided_accuracy(data.layout, route, ldm, c_task[b.task], b, scale, cfg.finetune.ldm_steps, seed))
     return rows
 
 

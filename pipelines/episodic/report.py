@@ -21,13 +21,14 @@ def markdown(table, cfg) -> str:
     ks = list(cfg.shots)
     lines = [f"# Few-shot query accuracy: {table['suite'].iloc[0]}", "",
              f"Meta-test episodes per (split, method, K, seed): {cfg.eval_episodes}, {cfg.queries} queries each; "
-             f"meta-training steps x episodes: {cfg.hyper_train_steps} x {cfg.hyper_tasks_per_batch} for HyperMAML "
-             f"(lr {cfg.hypermaml_lr:g}) and HyperTransformer (lr {cfg.ht_lr:g}), {cfg.metadiff_train_steps} x {cfg.tasks_per_batch} "
-             f"for MetaDiff and {cfg.train_steps} x {cfg.tasks_per_batch} for MAML and FOMAML (lr {cfg.lr:g})"
-             f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}; seeds {list(cfg.seeds)}. "
-             f"finetune_*: a zero-shot model's weights for the task, then {cfg.finetune_steps} gradient steps "
-             f"(lr {cfg.finetune_lr:g}) on the support set; hnet_hyperldm: HyperLDM from the description (γ 1, "
-             f"{cfg.ldm_steps} DDIM steps), _support_guided: plus support-loss guidance (scale {cfg.ldm_support_scale:g}). "
+             "meta-training steps x episodes: " + ", ".join(
+                 f"{s.train_steps} x {s.tasks_per_batch} for {name} (lr {s.lr:g})" for name, s in (
+                     ("HyperMAML", cfg.hypermaml), ("HyperTransformer", cfg.hypertransformer), ("MetaDiff", cfg.metadiff),
+                     ("MAML and FOMAML", cfg.maml)))
+             + f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}; seeds {list(cfg.seeds)}. "
+             f"finetune_*: a zero-shot model's weights for the task, then {cfg.finetune.steps} gradient steps "
+             f"(lr {cfg.finetune.lr:g}) on the support set; hnet_hyperldm: HyperLDM from the description (γ 1, "
+             f"{cfg.finetune.ldm_steps} DDIM steps), _support_guided: plus support-loss guidance (scale {cfg.finetune.ldm_support_scale:g}). "
              "Mean ± std over seeds; per seed: mean ± 95% CI (1.96 std/sqrt(n)) over episodes.", ""]
     for split in dict.fromkeys(table["split"]):
         t_split = table[table["split"] == split]

@@ -8,7 +8,6 @@ between the trial's end and Tune's next state save) returns that record instead 
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib
 import json
@@ -19,6 +18,7 @@ import torch
 
 from orchestrator.storage.atomic import write_json
 from orchestrator.storage.rundir import RunDir
+from pipelines.core.config import fields
 from pipelines.zeroshot.methods import METHODS, accuracy
 from pipelines.zeroshot.sampling import SamplingSettings
 
@@ -44,15 +44,11 @@ def trained_models(run: RunDir, split: str, seed: int):
 
 def stage_config(kind: str, base: RunDir, split: str, seed: int, overrides: dict):
     """The config `kind` was trained with in the base run, with `overrides` ({field: value}) applied."""
-    from pipelines.core.cli import coerce_field
-    from pipelines.zeroshot.launch import config_from
+    from pipelines.core.config import build
 
     module = importlib.import_module(f"pipelines.{kind}")
     side = json.loads(base.model(kind, split, seed).with_suffix(".json").read_text())
-    values = dict(side["stage_config"])
-    for k, v in overrides.items():
-        values[k] = coerce_field(module.CONFIG, k, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-    return config_from(module, values)
+    return build(module.CONFIG, side["stage_config"], overrides)
 
 
 def trained_run(trial: dict, base: RunDir, sweep_dir: Path) -> RunDir:
@@ -94,8 +90,7 @@ def run_trial(trial: dict) -> dict:
     run = trained_run(trial, RunDir(Path(trial["run_dir"])), sweep_dir)
     models = trained_models(run, trial["split"], trial["seed"])
     data = models.data
-    fields = {f.name for f in dataclasses.fields(SamplingSettings)}
-    sampling = SamplingSettings(**{k: v for k, v in trial["params"].items() if k in fields})
+    sampling = SamplingSettings(**{k: v for k, v in trial["params"].items() if k in fields(SamplingSettings)})
     out = {}
     parts = {"val": (data.val, data.w_val), "test": (data.test, data.w_test)}
     for name, (part, w_experts) in parts.items():

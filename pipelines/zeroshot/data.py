@@ -90,6 +90,19 @@ def store_spec(run: RunDir | Path) -> TaskNetSpec:
     return TaskNetSpec(**spec)
 
 
+def run_spec(run: RunDir | Path, feats, preset: str = "default") -> TaskNetSpec:
+    """The run's task network: the one its farm trained (the store's manifest); before any farm ran here,
+    the one the farm would train on these features with the preset's experts config."""
+    try:
+        return store_spec(run)
+    except ZeroShotError:
+        from orchestrator.farm import task_net_spec
+        from pipelines import experts
+        from pipelines.core.cli import build_config
+
+        return task_net_spec(feats, build_config(experts.ExpertsConfig, experts.PRESETS, preset, []))
+
+
 def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:
     """Tensors of one split of the run (features + experts); `val_fraction` defaults to the plan's."""
     from orchestrator.storage.store import WeightStore

@@ -2,12 +2,11 @@
 
 A stage provides `train_one(run, data: SplitData, seed, cfg, hooks) -> (state, metrics)`; this module
 runs it inside `orchestrator.train.launch` (one worker group per stage: starting one costs ~16 s, so
-not one per model). A model whose file exists with the same config is skipped, so rerunning a stage
-resumes where it stopped and retrains only what changed.
+not one per model). A model whose file exists with the same result fields is skipped, so rerunning a
+stage resumes where it stopped and retrains only what changed (not what only moved, like num_workers).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,27 +16,23 @@ import torch
 
 from models.zeroshot.tasks import Hooks
 from orchestrator.storage.rundir import RunDir
-from pipelines.core.cli import RunContext
+from pipelines.core.cli import ConfigError, RunContext
+from pipelines.core.config import build, config_values, result_values
 from pipelines.zeroshot.data import load_split, read_plan, read_val_fraction, save_model, store_spec
 
 
-def config_dict(cfg) -> dict:
-    """A stage config as JSON-plain values (what the model's sidecar records)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def config_from(module, values: dict):
-    """Rebuild a stage config from `config_dict` output (JSON lists back to tuples)."""
-    return module.CONFIG(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
-
 def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
-    """True when `path` exists and was trained with exactly `cfg` on the same tasks (seed and split are in the name)."""
+    """True when `path` exists and was trained on the same tasks with the same result fields as `cfg` (seed and
+    split are in the name; runtime fields such as num_workers and the plan's other units do not matter)."""
     side = path.with_suffix(".json")
     if not (path.exists() and side.exists()):
         return False
     saved = json.loads(side.read_text())
-    return saved.get("stage_config") == config_dict(cfg) and saved.get("val_fraction", 0.0) == val_fraction
+    try:
+        same = result_values(build(type(cfg), saved.get("stage_config") or {}), plan=False) == result_values(cfg, plan=False)
+    except ConfigError:  # a sidecar from a config this code no longer accepts: retrain
+        return False
+    return same and saved.get("val_fraction", 0.0) == val_fraction
 
 
 def _loop(config: dict) -> None:
@@ -74,7 +69,7 @@ def _loop(config: dict) -> None:
         t0 = time.perf_counter()
         state, extra = config["train_one"](run, data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
-        sidecar = {"kind": config["kind"], **tag, "stage_config": config_dict(cfg), "val_fraction": config.get("val_fraction", 0.0),
+        sidecar = {"kind": config["kind"], **tag, "stage_config": config_values(cfg), "val_fraction": config.get("val_fraction", 0.0),
                    "train_tasks": len(data[split].train_ids), "metrics": summary}
         if rt.rank() == 0 or not ddp:
             save_model(run.model(config["kind"], split, seed), state, sidecar)

@@ -26,13 +26,15 @@ from orchestrator.storage.atomic import write_json
 from tests.conftest import run_cli
 
 MLFLOW_FILES = ("mlflow.db", "mlartifacts", "mlflow_pending")  # a failed invocation is still logged, as FAILED
+RECORDS = ("config.yaml", "command.txt")  # and recorded: every invocation that passed its config checks writes these first
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """sha256 of every file under root, MLflow's own records aside."""
+    """sha256 of every file under root, MLflow's and the invocation records aside."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] not in MLFLOW_FILES
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).parts[0] not in MLFLOW_FILES + RECORDS
     }
 
 
@@ -113,7 +115,7 @@ CASES = [
      ["support_fraction=2", "out of range", "<= 0.95"]),
     ("malformed number", ["pipelines.experts", "--run-dir", "{run}", "--set", "steps=ten"], ["steps='ten'", "int"]),
     ("malformed --set", ["pipelines.experts", "--run-dir", "{run}", "--set", "steps"], ["--set 'steps'", "field=value"]),
-    ("value out of range", ["pipelines.full", "--run-dir", "{run}", "--set", "experts.lr=-1"], ["lr=-1.0", ">= 1e-07"]),
+    ("value out of range", ["pipelines.full", "--run-dir", "{run}", "--set", "experts.lr=-1"], ["experts.lr=-1", ">= 1e-07"]),
     ("unknown preset", ["pipelines.full", "--run-dir", "{run}", "--preset", "huge"], ["unknown preset 'huge'", "smoke, default"]),
     ("unknown method", ["pipelines.zero_shot", "--tasks", "{tasks:missing_field}", "--from", "{run}", "--method", "telepathy"],
      ["invalid choice: 'telepathy'", "hnet_hyperldm"]),

@@ -26,9 +26,66 @@ def test_unknown_field_fails_before_any_work(tmp_path):
     assert not run_dir.exists(), "a config error must stop the run before it writes anything"
 
 
+@pytest.mark.parametrize("stage, preset", [("experts", "smoke"), ("evaluate", "default")])
+def test_help_lists_every_field_with_type_value_and_meaning(stage, preset):
+    from pipelines.core.config_docs import preset_config, rows, value_text
+    from pipelines.core.runner import stage_module
+
+    r = run_cli(f"pipelines.{stage}", "--preset", preset, "--help")
+    assert r.returncode == 0, r.stderr
+    mod = stage_module(stage)
+    listed = list(rows(mod.CONFIG, preset_config(mod, preset)))
+    assert len(listed) >= 7
+    for name, typ, value, role, meaning in listed:
+        assert f"  {name} = {value_text(value)}  ({typ}" in r.stdout, name
+        assert meaning and f"      {meaning}" in r.stdout, name
+    if stage == "experts":
+        assert "  steps = 60  (int >= 1)" in r.stdout and "  num_actors = 0  (int >= 0; runtime)" in r.stdout
+    else:
+        assert "  sampling.sampler = ddim  (one of ddim, ddpm)" in r.stdout
+
+
+def test_full_help_lists_every_stage_field():
+    r = run_cli("pipelines.full", "--help")
+    assert r.returncode == 0, r.stderr
+    for line in ("  features.suite = easyvqa", "  evaluate.sampling.sampler_steps = 50", "  fewshot.hypermaml.lr = 0.001",
+                 "  sweep.search_seed = 0", "  generators.seeds = 0,1,2"):
+        assert line in r.stdout, line
+
+
+@pytest.mark.parametrize("override, words", [
+    ("experts.lr=nan", ["experts.lr=nan", "finite number"]),
+    ("generators.val_fraction=inf", ["generators.val_fraction=inf", "finite number", "<= 0.5"]),
+    ("evaluate.sampling.guidance_scale=-1", ["evaluate.sampling.guidance_scale=-1", "out of range", ">= 0.0"]),
+    ("fewshot.hypermaml.warmup_fraction=1.5", ["fewshot.hypermaml.warmup_fraction=1.5", "<= 1.0"]),
+])
+def test_non_finite_or_out_of_range_is_one_line_before_any_work(tmp_path, override, words):
+    run_dir = tmp_path / "never"
+    r = run_cli("pipelines.full", "--run-dir", str(run_dir), "--set", override)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and all(w in r.stderr for w in words), r.stderr
+    assert not run_dir.exists()
+
+
+def test_a_run_records_its_config_and_command(smoke_run_dir, tmp_path):
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run_dir / "features", run / "features")  # same config: the stage reuses them
+    args = ["--preset", "smoke", "--run-dir", str(run), "--set", "image_dims=128", "--no-progress"]
+    r = run_cli("pipelines.features", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = run_cli("pipelines.features", *args, "--print-config")
+    assert yaml.safe_load((run / "config.yaml").read_text()) == yaml.safe_load(printed.stdout)
+    assert (run / "command.txt").read_text() == "python -m pipelines.features " + " ".join(args) + "\n"
+
+
 def test_full_routes_stage_fields(tmp_path):
     r = run_cli("pipelines.full", "--run-dir", str(tmp_path / "x"), "--set", "steps=3")
     assert r.returncode == 2 and "name the stage" in r.stderr
+    assert "experts, hyperclip, hyperldm, baselines" in r.stderr and "features.steps" not in r.stderr
     r = run_cli("pipelines.full", "--run-dir", str(tmp_path / "x"), "--set", "farm.steps=3")
     assert r.returncode == 2 and "unknown stage 'farm'" in r.stderr
 

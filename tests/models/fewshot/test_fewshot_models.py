@@ -2,7 +2,7 @@
 
 HyperMAML with its hypernetwork off equals MAML exactly; second-order MAML's meta-gradient matches
 finite differences and differs from first-order's; MetaDiff's sampler with the true noise recovers
-its target weights. Pure torch, no Ray.
+its target weights. Pure torch, no Ray (the methods' settings are the stage's own sections).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from models.fewshot.hypertransformer import HyperTransformer
 from models.fewshot.maml import MAML, adapt, meta_loss
 from models.fewshot.metadiff import MetaDiff, fit_multitask, fit_targets, head_slice
 from models.task_net import init_weights
+from pipelines.episodic.settings import HyperMamlSettings, MamlSettings
+from pipelines.fewshot import FewShotConfig
 from tests.models.fewshot.test_fewshot_episodes import SPEC, toy_pool
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -48,7 +50,7 @@ def one_step(model, batch):
 @pytest.mark.parametrize("method", ["maml", "fomaml"])
 def test_maml_forward_and_training_step(data, method):
     _, _, batch = data
-    model = T.build(method, SPEC, T.MethodParams(inner_steps=3, inner_lr=0.5), seed=0)
+    model = T.build(method, SPEC, MamlSettings(inner_steps=3, inner_lr=0.5), seed=0)
     w = model.adapt(batch)
     assert w.shape == (4, model.layout.size) and not torch.allclose(w[0], w[1])
     acc = model.accuracy(batch)
@@ -128,8 +130,8 @@ def test_hypermaml_warmup_steps_from_the_updated_weights(data):
 
 def test_hypermaml_forward_and_training_step(data):
     _, _, batch = data
-    model = T.build("hypermaml", SPEC, T.MethodParams(), seed=0)
-    T.set_progress(model, 1, 10, T.MethodParams(hypermaml_warmup_fraction=0.2))
+    model = T.build("hypermaml", SPEC, HyperMamlSettings(), seed=0)
+    T.set_progress(model, 1, 10, HyperMamlSettings(warmup_fraction=0.2))
     assert float(model.blend) == 0.5  # halfway through the warm-up ramp
     w = model.adapt(batch)
     layout = model.layout
@@ -137,7 +139,7 @@ def test_hypermaml_forward_and_training_step(data):
     assert torch.equal(w[:, :a], model.w0.detach().expand(4, -1)[:, :a]), "only fc2 is updated"
     loss, moved = one_step(model, batch)
     assert np.isfinite(loss) and moved
-    T.set_progress(model, 10, 10, T.MethodParams())
+    T.set_progress(model, 10, 10, HyperMamlSettings())
     assert float(model.blend) == 1.0 and model.accuracy(batch).shape == (4,)
 
 
@@ -172,9 +174,9 @@ def test_hypertransformer_ignores_padding(data):
 @pytest.mark.parametrize("method", ["hypermaml", "hypertransformer"])
 def test_hypernetworks_train_the_head_on_a_frozen_pretrained_extractor(data, method):
     pool, feats, batch = data
-    hp = T.MethodParams(pretrain_steps=5)
+    hp = FewShotConfig().settings(method)
     model = T.build(method, SPEC, hp, seed=0)
-    T.prepare(model, pool, feats, hp, seed=0)
+    T.prepare(model, pool, feats, hp, seed=0, pretrain_steps=5)
     n1 = model.layout.offsets["fc1.bias"][1]
     before = model.w0.detach().clone()
     assert not torch.equal(before, init_weights(SPEC, 0)), "w0 starts at the multitask network"
@@ -260,7 +262,7 @@ def test_metadiff_support_gradient_is_the_loss_gradient(data, metadiff):
 
 def test_evaluate_and_confidence_interval(data):
     pool, feats, _ = data
-    model = T.build("maml", SPEC, T.MethodParams(inner_steps=2), seed=0)
+    model = T.build("maml", SPEC, MamlSettings(inner_steps=2), seed=0)
     eps = T.eval_episodes(pool, 2, 30, 6, seed=0)
     assert [e.task for e in eps] == [e.task for e in T.eval_episodes(pool, 2, 30, 6, seed=0)]
     acc = T.evaluate(model, eps, pool, feats, batch_size=7)

@@ -72,7 +72,7 @@ def test_zero_shot_baselines_fine_tuned_on_the_stage_episodes(zs_run_dir, tmp_pa
     feats = SuiteFeatures.load(run.features)
     p = split_pools(feats, "given")
     eps = {k: T.eval_episodes(p["meta_test"], k, 40, 8, 0) for k in (1, 5)}
-    cfg = FewShotConfig(seeds=(0, 1), eval_batch=16, finetune_steps=0)  # seed 1 has no baselines: skipped
+    cfg = FewShotConfig(seeds=(0, 1), eval_batch=16, finetune={"steps": 0})  # seed 1 has no baselines: skipped
     zero = finetune_rows(run, "given", "random", feats, p["test_ids"], p["meta_test"], eps, cfg, print)
     assert {(r["method"], r["shots"], r["seed"]) for r in zero} == {
         (m, k, 0) for m in ("finetune_multitask", "finetune_text_hnet") for k in (1, 5)}
@@ -84,7 +84,7 @@ def test_zero_shot_baselines_fine_tuned_on_the_stage_episodes(zs_run_dir, tmp_pa
     row = next(r for r in zero if r["method"] == "finetune_text_hnet" and r["shots"] == 5)
     assert row["accuracy"] == pytest.approx(direct, abs=1e-6) and row["episodes"] == 40
     tuned = finetune_rows(run, "given", "random", feats, p["test_ids"], p["meta_test"], eps,
-                          dataclasses.replace(cfg, finetune_steps=10), print)
+                          dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, steps=10)), print)
     assert all(0 <= r["accuracy"] <= 1 and np.isfinite(r["ci95"]) for r in tuned)
     assert [r["accuracy"] for r in tuned] != [r["accuracy"] for r in zero]
 

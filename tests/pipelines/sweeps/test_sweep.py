@@ -12,11 +12,16 @@ import time
 import pandas as pd
 import pytest
 
-from pipelines.core.cli import ConfigError
-from pipelines.sweeps.spec import SweepConfig, expand, make_config
+from pipelines.core.cli import ConfigError, build_config
+from pipelines.sweeps.spec import SweepConfig, expand, load_spec
 from tests.conftest import ROOT, copy_run, run_cli
 
 PRESETS = {"default": {}}
+
+
+def make_config(*overrides: str, spec=None) -> SweepConfig:
+    """The sweep config the CLI builds from `--spec FILE` and `--set` overrides."""
+    return build_config(SweepConfig, PRESETS, "default", list(overrides), layers=[load_spec(spec)] if spec else [])
 
 
 # ----------------------------------------------------------------------------- spec (pure)
@@ -26,7 +31,7 @@ def test_spec_file_and_overrides_expand_to_deduplicated_trials(tmp_path):
     spec = tmp_path / "s.yaml"
     spec.write_text("methods: [hnet_hyperldm, hnet_hyperclip, multitask]\nguidance_scale: [0, 4]\n"
                     "guidance_lr: {loguniform: [0.01, 0.1]}\nnum_samples: 2\n")
-    cfg = make_config(PRESETS, "default", [f"spec={spec}", "guidance_scale=0,1.5,4"])
+    cfg = make_config("guidance_scale=0,1.5,4", spec=spec)
     trials = expand(cfg, ["random", "compositional"], [0, 1])
     per = pd.Series([t["method"] for t in trials]).value_counts().to_dict()
     # 3 γ (the override wins over the file) x 2 splits x 2 seeds; 2 lr draws; multitask ignores both grids
@@ -46,7 +51,7 @@ def test_spec_file_and_overrides_expand_to_deduplicated_trials(tmp_path):
 ])
 def test_unknown_sweep_parameter_is_named(item, named):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        make_config(PRESETS, "default", [item])
+        make_config(item)
 
 
 def test_setting_is_chosen_on_validation_not_meta_test():
@@ -211,5 +216,5 @@ def test_default_config_is_the_issue_grid():
 
 @pytest.mark.parametrize("name", ["gamma.yaml", "guidance.yaml", "hyperldm_training.yaml"])
 def test_example_specs_parse(name):
-    cfg = make_config(PRESETS, "default", [f"spec={ROOT / 'configs' / 'sweeps' / name}"])
+    cfg = make_config(spec=ROOT / "configs" / "sweeps" / name)
     assert expand(cfg, ["random"], [0])

@@ -33,10 +33,11 @@ def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_
     """HNet and HVAE trained by the generators stage's Ray Train loop: 2 workers (DDP, gloo) vs 1."""
     import ray
 
+    from orchestrator.storage.rundir import RunDir
     from orchestrator.train import launch
-    from pipelines.generators import GeneratorsConfig
+    from pipelines.generators import GeneratorsConfig, train_one
     from pipelines.zeroshot.data import write_plan
-    from pipelines.zeroshot.launch import _loop, config_dict
+    from pipelines.zeroshot.launch import _loop
 
     write_plan(zs_run_dir, ("given",), (0,))
     cfg = GeneratorsConfig(splits=("given",), seeds=(0,), ddp=True, hnet_steps=20, hvae_steps=20, tasks_per_step=8,
@@ -45,8 +46,8 @@ def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_
     try:
         curves = {}
         for n in (1, 2):
-            loop_cfg = {"module": "pipelines.generators", "kind": f"generators-{n}w", "cfg": config_dict(cfg),
-                        "run_dir": str(zs_run_dir), "combos": [("given", 0)], "threads": 1, "log_every": 2}
+            loop_cfg = {"train_one": train_one, "kind": f"generators-{n}w", "cfg": cfg, "run": RunDir(zs_run_dir).to_dict(),
+                        "combos": [("given", 0)], "threads": 1, "log_every": 2}
             res = launch(_loop, loop_cfg, name=f"ddp-{n}", run_dir=tmp_path, num_workers=n)
             curves[n] = pd.DataFrame([m for m in res.metrics if m["step"] > 0])
     finally:
