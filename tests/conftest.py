@@ -56,7 +56,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 @pytest.fixture
 def run_dir_with_features(smoke_run_dir, tmp_path) -> Path:
-    """A fresh run directory with a copy of the smoke features (and their encoder cache)."""
+    """A fresh run directory with a copy of the smoke features."""
     dst = tmp_path / "run"
     shutil.copytree(smoke_run_dir / "features", dst / "features")
     return dst

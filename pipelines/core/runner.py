@@ -155,16 +155,22 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
 
     from orchestrator.storage.rundir import RunDir
 
-    run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
-    record_invocation(run, cfgs, shlex.join(["python", "-m", f"pipelines.{prog}", *argv]))
-    ctx = RunContext(run=run, address=args.address, preset=args.preset, progress=not args.no_progress)
-    t_start = time.perf_counter()
-    from orchestrator.tracking import MlflowTracker
+    from orchestrator.storage.runlock import RunLock
 
-    ctx.tracker = MlflowTracker(run.root)
-    ctx.log(f"run directory: {run.root}")
-    ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
+    run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
+    command = shlex.join(["python", "-m", f"pipelines.{prog}", *argv])
+    ctx = RunContext(run=run, address=args.address, preset=args.preset, progress=not args.no_progress)
+    # One writer per run directory for the whole invocation: stores, manifests and the MLflow database
+    # are created and updated by this process alone (a second invocation is refused or waits).
+    lock = RunLock(run.root, command, wait=args.wait, log=ctx.log).acquire()
+    t_start = time.perf_counter()
     try:
+        record_invocation(run, cfgs, command)
+        from orchestrator.tracking import MlflowTracker
+
+        ctx.tracker = MlflowTracker(run.root)
+        ctx.log(f"run directory: {run.root}")
+        ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
         if any(mods[s].NEEDS_RAY for s in stages):
             from orchestrator.cluster import connect
 
@@ -193,6 +199,7 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
             from orchestrator.cluster import shutdown
 
             shutdown(ctx.ray)
+        lock.release()
     ctx.log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items()))
     return 0
 

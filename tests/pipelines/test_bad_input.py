@@ -26,7 +26,7 @@ from orchestrator.storage.atomic import write_json
 from tests.conftest import run_cli
 
 MLFLOW_FILES = ("mlflow.db", "mlartifacts", "mlflow_pending")  # a failed invocation is still logged, as FAILED
-RECORDS = ("config.yaml", "command.txt")  # and recorded: every invocation that passed its config checks writes these first
+RECORDS = ("config.yaml", "command.txt", ".lock", "lock.json")  # and recorded: every invocation that passed its config checks writes these first (under the run lock)
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from models.expert_training import evaluate_experts, pad_batch, train_experts
 from models.zeroshot.hnet import HNet, HNetLatents
 from models.zeroshot.hvae import HVAE, vae_loss
-from models.zeroshot.training import (
-    Hooks, LatentHNet, TaskData, TaskFit, fit_task_model, sample_support, task_accuracy, task_ce,
-)
+from models.zeroshot.task_models import LatentHNet, fit_task_model
+from models.zeroshot.tasks import Hooks, TaskData, sample_support, task_accuracy, task_ce
 from models.task_net import TaskNetSpec, TaskNetwork, WeightLayout, init_weights, masked_logits
 from models.weight_norm import WeightNormalizer
 
@@ -155,7 +154,8 @@ def test_hnet_training_ignores_padded_samples():
         model = LatentHNet(init_normalizer(), 2, 4, (8,), torch.Generator().manual_seed(0))
         losses: list[float] = []
         hooks = Hooks(log=lambda step, m: losses.append(m["loss"].item()), log_every=1)
-        fit_task_model(model, TaskData(LAYOUT, X, b, torch.zeros(2, SMALL.d_txt)), TaskFit(steps=5, samples_per_task=8), 0, hooks)
+        fit_task_model(model, TaskData(LAYOUT, X, b, torch.zeros(2, SMALL.d_txt)), 0, hooks, steps=5, lr=1e-3,
+                       tasks_per_step=16, samples_per_task=8)
         return losses, model
 
     (loss_a, model_a), (loss_b, model_b) = fit(batch), fit(junk)
@@ -176,8 +176,8 @@ def train_two_opposite_tasks(steps: int = 200, seed: int = 0) -> tuple[torch.Ten
     model = LatentHNet(init_normalizer(), 2, 8, (32, 32), torch.Generator().manual_seed(seed))
     losses: list[float] = []
     hooks = Hooks(log=lambda step, m: losses.append(m["loss"].item()), log_every=1)
-    fit = TaskFit(steps=steps, lr=3e-3, tasks_per_step=2, samples_per_task=64)  # support drawn with replacement each step
-    fit_task_model(model, data, fit, seed, hooks)
+    # support drawn with replacement each step
+    fit_task_model(model, data, seed, hooks, steps=steps, lr=3e-3, tasks_per_step=2, samples_per_task=64)
     with torch.no_grad():
         acc = task_accuracy(data, model(torch.arange(2), data.c))
     return acc, losses
