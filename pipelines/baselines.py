@@ -44,7 +44,7 @@ class BaselinesConfig:
     """MAML inner learning rate"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
-    ddp: Annotated[bool, Runtime] = False
+    ddp: bool = False
     """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
     log_every: Annotated[int, Runtime, Field(ge=1)] = 100
     """steps between logged losses"""

@@ -78,7 +78,7 @@ class FewShotConfig:
     """the fine-tuned zero-shot rows' settings"""
     eval_episodes: Annotated[int, Field(ge=2)] = 600
     """meta-test episodes per (method, K, seed)"""
-    eval_batch: Annotated[int, Runtime, Field(ge=1)] = 200
+    eval_batch: Annotated[int, Field(ge=1)] = 200
     """episodes evaluated at once"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers (1 CPU, 1 thread each), each training its own share of the units"""

@@ -35,7 +35,7 @@ class HyperClipConfig:
     """what the HVAE route's HyperCLIP trains on: the experts (measured better for guidance) or their HVAE reconstructions"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
-    ddp: Annotated[bool, Runtime] = False
+    ddp: bool = False
     """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
     log_every: Annotated[int, Runtime, Field(ge=1)] = 100
     """steps between logged losses"""

@@ -39,7 +39,7 @@ class HyperLdmConfig:
     """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
-    ddp: Annotated[bool, Runtime] = False
+    ddp: bool = False
     """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
     log_every: Annotated[int, Runtime, Field(ge=1)] = 500
     """steps between logged losses"""
