@@ -145,6 +145,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
             ctx.log(f"sweep {cfg.name}: could not mark MLflow run {state['mlflow_parent']} finished ({e})")
     table = pd.DataFrame([{**trial_fields(r), "val_accuracy": r["val_accuracy"], "test_accuracy": r["test_accuracy"],
                            "n_val": r["n_val"], "n_test": r["n_test"], "key": r["key"]} for r in rows])
+    # one column order whatever the methods' order: trial, sampling settings, training overrides, results
+    settings = sweep_results.setting_columns(table)
+    table = table[["method", "split", "seed", *settings, *(c for c in table.columns if c not in {"method", "split", "seed", *settings})]]
     chosen, paths = sweep_results.write(table, sweep_dir, cfg.name)
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
         ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
