@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipelines.core.cli import RunContext
-from pipelines.core.config import Runtime, stage_config
+from pipelines.core.config import Runtime, Seed, stage_config
 
 INITS = ("shared", "independent")
 
@@ -36,7 +36,7 @@ class ExpertsConfig:
     """experts per task (K seeds; they differ only with sample_fraction < 1 or init=independent)"""
     init: Literal[INITS] = "shared"
     """shared: every expert starts from one init (weights aligned across tasks); independent: one init per expert"""
-    init_seed: int = 0
+    init_seed: Seed = 0
     """seed of the shared init (or base of the independent ones)"""
     init_from: str | None = None
     """safetensors file with a flat 'w' to start every expert from (e.g. a multitask solution)"""
@@ -50,7 +50,7 @@ class ExpertsConfig:
     """farm actors (0: one per cpus_per_actor CPUs of the cluster, at most one per shard)"""
     cpus_per_actor: Annotated[int, Runtime, Field(ge=1)] = 1
     """CPUs (and torch threads) per actor; 1 is fastest here (small ops gain nothing from threads)"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds stochastic minibatches (sample_fraction < 1)"""
 
     @field_validator("init_from")

@@ -20,7 +20,7 @@ from pydantic import Field, field_validator
 
 from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from pipelines.core.cli import ConfigError, RunContext
-from pipelines.core.config import Runtime, config_values, result_values, stage_config
+from pipelines.core.config import Runtime, Seed, config_values, result_values, stage_config
 from pipelines.suites import SUITES
 
 SPLIT_MODES = ("random", "compositional")
@@ -60,13 +60,13 @@ class FeaturesConfig:
     """open_clip model (the paper's; ViT-B-32 for quick runs); open_clip encoders only"""
     clip_pretrained: str | None = "openai"
     """open_clip pretrained tag or local checkpoint path (none: random init, tests only)"""
-    device: Annotated[str, Runtime] = "cpu"
+    device: Annotated[str, Runtime, Field(pattern=r"^(cpu|cuda(:[0-9]+)?|mps)$")] = "cpu"
     """where the encoders run: cpu, cuda, cuda:1 (features are cached, so encoding runs once)"""
     export_tasks: Annotated[str | None, Runtime] = None
     """also write the suite as a JSONL task file here (docs/task_file.md)"""
     cache_dir: Annotated[str | None, Runtime] = None
     """feature cache folder (default <run_dir>/cache/features); point several runs at one folder to share it"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the support/query and task splits and procedural generation"""
 
     @field_validator("tasks_file")

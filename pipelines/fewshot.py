@@ -27,6 +27,7 @@ from pydantic import Field
 
 from pipelines.core.cli import RunContext
 from pipelines.core.config import (
+    Seed,
     Plan,
     Runtime,
     build,
@@ -58,7 +59,7 @@ class FewShotConfig:
     """task splits (given: the features' own split)"""
     shots: Annotated[tuple[Annotated[int, Field(ge=1, le=100)], ...], Field(min_length=1)] = (1, 5)
     """K: support examples per candidate answer"""
-    seeds: Annotated[tuple[int, ...], Field(min_length=1)] = (0, 1, 2)
+    seeds: Annotated[tuple[Seed, ...], Field(min_length=1)] = (0, 1, 2)
     """training seeds (init, episode draws)"""
     queries: Annotated[int, Field(ge=1)] = 32
     """query examples per episode (train and eval)"""
@@ -82,7 +83,7 @@ class FewShotConfig:
     """episodes evaluated at once"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers (1 CPU, 1 thread each), each training its own share of the units"""
-    seed: int = 0
+    seed: Seed = 0
     """seeds the evaluation episodes"""
 
     def settings(self, method: str):

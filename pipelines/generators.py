@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from pipelines.core.cli import RunContext
-from pipelines.core.config import Plan, Runtime, stage_config
+from pipelines.core.config import Plan, Runtime, Seed, stage_config
 from pipelines.zeroshot.stage import entry_points
 
 SPLITS = ("random", "compositional", "given")
@@ -28,7 +28,7 @@ class GeneratorsConfig:
 
     splits: Annotated[tuple[Literal[SPLITS], ...], Plan, Field(min_length=1)] = ("random", "compositional")
     """split modes to evaluate on the same farm (given: the features' own split)"""
-    seeds: Annotated[tuple[int, ...], Plan, Field(min_length=1)] = (0, 1, 2)
+    seeds: Annotated[tuple[Seed, ...], Plan, Field(min_length=1)] = (0, 1, 2)
     """training seeds of every zero-shot model (the table's mean ± std)"""
     val_fraction: Annotated[float, Plan, Field(ge=0.0, le=0.5)] = 0.15
     """share of meta-train tasks held out of every zero-shot model (seeded, the same for all seeds) as the validation split sweeps choose settings on"""

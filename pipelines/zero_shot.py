@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.zeroshot.trained import TrainedModels
 
     args = parse(argv)
+    sampling = dataclasses.replace(EvaluateConfig().sampling, guidance_scale=args.guidance)  # checked before any work
     src = RunDir(args.source)
     if not args.tasks.is_file():
         raise ConfigError(f"--tasks {args.tasks}: no such file; give a JSONL task file (docs/task_file.md)")
@@ -90,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
               torch.as_tensor(np.concatenate([r.support_labels, r.query_labels]))) for r in rows]
     batch = pad_batch([T[torch.tensor(r.prompt_texts)] for r in rows], every, every)
     c = T[torch.tensor([int(r.desc_text) for r in rows])]
-    sampling = dataclasses.replace(EvaluateConfig().sampling, guidance_scale=args.guidance)
     w = generate(args.method, TrainedModels(src, data, seed), c, sampling)  # [n_tasks, P]
     labelled = batch.query_n > 0
     acc = task_accuracy(TaskData(data.layout, X, batch, c), w) if labelled.any() else torch.full((len(rows),), float("nan"))

@@ -24,7 +24,7 @@ import json
 import textwrap
 import types
 import typing
-from typing import Any
+from typing import Annotated, Any
 
 import annotated_types
 import pydantic
@@ -48,6 +48,8 @@ class Role:
 
 Runtime = Role("runtime")
 Plan = Role("plan")
+
+Seed = Annotated[int, pydantic.Field(ge=0)]  # numpy and torch generators take non-negative seeds only
 
 
 def stage_config(name: str, seed_field: str | None = "seed"):
@@ -323,6 +325,8 @@ def _one(e: dict, cls) -> str:
         return f"{shown} is empty; give at least {ctx.get('min_length', 1)} value(s)"
     if kind == "missing":
         return f"{path} is missing"
+    if kind == "string_pattern_mismatch":
+        return f"{shown} is not valid; it must match {ctx.get('pattern')}"
     expected = {"int": "an int", "float": "a float", "bool": "true or false", "string": "text",
                 "tuple": "a comma list", "list": "a list", "dict": "a mapping"}
     for word, what in expected.items():

@@ -31,6 +31,7 @@ from pydantic import Field, field_validator
 
 from pipelines.core.cli import ConfigError
 from pipelines.core.config import (
+    Seed,
     Runtime,
     field_value,
     fields,
@@ -63,7 +64,7 @@ class SweepConfig:
     """methods to evaluate (baselines are one trial per split and seed)"""
     splits: tuple[Literal["random", "compositional", "given"], ...] = ()
     """split modes (default: the run's plan)"""
-    seeds: tuple[int, ...] = ()
+    seeds: tuple[Seed, ...] = ()
     """trained-model seeds (default: the run's plan)"""
     params: dict = field(default_factory=default_params)
     """sampling parameter -> grid list or {space: args}; also settable as top-level keys (guidance_scale: [0, 1])"""
@@ -71,7 +72,7 @@ class SweepConfig:
     """stage.field -> grid list or {space: args}; these trials train their own models"""
     num_samples: Annotated[int, Field(ge=1, le=10000)] = 1
     """draws from each search space (grids are crossed with them)"""
-    search_seed: int = 0
+    search_seed: Seed = 0
     """seeds the search-space draws (--seed sets it)"""
     max_concurrent: Annotated[int, Runtime, Field(ge=0)] = 0
     """trials at once; 0 = as many as the cluster's CPUs fit"""
