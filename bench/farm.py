@@ -81,7 +81,8 @@ class MemorySampler:
 def build_features(n_tasks: int, work: Path, seed: int):
     """Procedural features for n_tasks through the real features stage (encoder cache shared across sizes)."""
     from pipelines import features
-    from pipelines.core.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext
+    from pipelines.core.config import build_config
 
     cfg = build_config(features.FeaturesConfig, features.PRESETS, "default",
                        # Full 1,280-d image features (no projection): the workload the README's figures measure.
@@ -123,7 +124,7 @@ def measure(n_tasks: int, naive_sample: int, work: Path, seed: int, threads: int
     from orchestrator.farm import run_farm
     from orchestrator.storage.store import WeightStore
     from pipelines import experts
-    from pipelines.core.cli import build_config
+    from pipelines.core.config import build_config
 
     torch.set_num_threads(threads)
     feats = build_features(n_tasks, work, seed)

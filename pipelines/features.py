@@ -19,7 +19,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
-from pipelines.core.cli import ConfigError, RunContext
+from pipelines.core.cli import RunContext
+from pipelines.core.config import ConfigError
 from pipelines.core.config import Runtime, Seed, config_values, result_values, stage_config
 from pipelines.suites import SUITES
 

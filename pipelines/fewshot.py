@@ -27,10 +27,11 @@ from pydantic import Field
 
 from pipelines.core.cli import RunContext
 from pipelines.core.config import (
-    Seed,
     Plan,
     Runtime,
+    Seed,
     build,
+    build_config,
     config_values,
     result_values,
     stage_config,
@@ -241,11 +242,18 @@ def config_hash(cfg: FewShotConfig, inputs: dict) -> str:
     return hashlib.sha256(json.dumps({**keep, **inputs}, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def task_net(ctx: RunContext, feats):
-    """The run's task network, so that few-shot methods adapt the same network its experts use."""
-    from pipelines.zeroshot.data import run_spec
+def task_net(run, feats, preset: str = "default"):
+    """The run's task network, so that few-shot methods adapt the same network its experts use: the one its
+    farm trained (the store's manifest); before any farm ran there, the one the farm would train on these
+    features with the preset's experts config."""
+    from orchestrator.farm import task_net_spec
+    from pipelines import experts
+    from pipelines.zeroshot.data import ZeroShotError, store_spec
 
-    return run_spec(ctx.run, feats, ctx.preset)
+    try:
+        return store_spec(run)
+    except ZeroShotError:
+        return task_net_spec(feats, build_config(experts.ExpertsConfig, experts.PRESETS, preset, []))
 
 
 def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
@@ -262,7 +270,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     feats = SuiteFeatures.load(feats_dir)  # fails clearly (FeaturesError) before any Ray work
     suite = feats.info.get("suite", "unknown")
     pools = {sp: split_pools(feats, sp) for sp in cfg.splits}  # fails clearly (ConfigError) for a split the suite lacks
-    inputs = {"features_dir": str(feats_dir), "features_hash": feats.info.get("config_hash"), "spec": asdict(task_net(ctx, feats))}
+    inputs = {"features_dir": str(feats_dir), "features_hash": feats.info.get("config_hash"), "spec": asdict(task_net(ctx.run, feats, ctx.preset))}
     base = {"config": config_values(cfg), **inputs}
     name = f"fewshot-{config_hash(cfg, inputs)}"  # a changed config never resumes another's results
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "

@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 from pipelines.core.cli import guarded
-from pipelines.core.runner import STAGES, run_stages
+from pipelines.core.runner import run_stages
+from pipelines.core.stages import STAGES
 
 
 def main() -> int:

@@ -17,8 +17,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.core.cli import ConfigError, RunContext
-from pipelines.sweeps.spec import SweepConfig
+from pipelines.core.cli import RunContext
+
+from pipelines.core.config import ConfigError
+from pipelines.sweeps.spec import SweepConfig, load_spec  # noqa: F401  (the runner reads --spec files with load_spec)
 
 CONFIG = SweepConfig
 NEEDS_RAY = True

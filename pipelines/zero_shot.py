@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.core.cli import ConfigError
+from pipelines.core.config import ConfigError
 
 
 def parse(argv: list[str] | None):

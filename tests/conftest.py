@@ -29,7 +29,8 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def smoke_run_dir(tmp_path_factory) -> Path:
     """A run directory whose `features/` holds the smoke preset's features (24 procedural tasks)."""
-    from pipelines.core.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext
+    from pipelines.core.config import build_config
     from pipelines import features
 
     run_dir = tmp_path_factory.mktemp("smoke")

@@ -17,28 +17,10 @@ if TYPE_CHECKING:
     from orchestrator.storage.rundir import RunDir
 
 from models.errors import UserError
+from pipelines.core.config import ConfigError
 from orchestrator.tracking.base import NoopTracker, Tracker
 
 PRESETS = ("smoke", "default")
-
-
-class ConfigError(UserError, ValueError):
-    """A bad config field, value or preset; the message names it and the valid choices."""
-
-
-def build_config(cls, presets: dict[str, dict], preset: str, overrides=(), seed: int | None = None, layers=()):
-    """The preset's values, then `layers` (a --config section, a sweep spec), then `--set key=value`
-    overrides, then `--seed`; the class validates and coerces, every error is one ConfigError line."""
-    from pipelines.core import config
-
-    if preset not in presets:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
-    top = config.parse_set(cls, list(overrides))
-    if seed is not None:
-        if cls.__seed_field__ is None:
-            raise ConfigError(f"--seed: {cls.__stage__} has no seed of its own; set the stage's fields with --set")
-        top[cls.__seed_field__] = seed
-    return config.build(cls, presets[preset], *layers, top)
 
 
 @dataclass

@@ -31,7 +31,12 @@ import pydantic
 from pydantic import ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
 
-from pipelines.core.cli import ConfigError
+from models.errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A bad config field, value or preset; the message names it and the valid choices."""
+
 
 SETTINGS = ConfigDict(use_attribute_docstrings=True, extra="forbid", allow_inf_nan=False)
 
@@ -387,3 +392,16 @@ def bounds_of(meta) -> str:
 
 def _type_name(ann) -> str:
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def build_config(cls, presets: dict[str, dict], preset: str, overrides=(), seed: int | None = None, layers=()):
+    """The preset's values, then `layers` (a --config section, a sweep spec), then `--set key=value`
+    overrides, then `--seed`; the class validates and coerces, every error is one ConfigError line."""
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
+    top = parse_set(cls, list(overrides))
+    if seed is not None:
+        if cls.__seed_field__ is None:
+            raise ConfigError(f"--seed: {cls.__stage__} has no seed of its own; set the stage's fields with --set")
+        top[cls.__seed_field__] = seed
+    return build(cls, presets[preset], *layers, top)

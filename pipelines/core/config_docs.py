@@ -71,7 +71,7 @@ def rows(cls, cfg, prefix: str = ""):
 
 def preset_config(mod, preset: str):
     """A stage module's config at `preset`."""
-    from pipelines.core.cli import build_config
+    from pipelines.core.config import build_config
 
     return build_config(mod.CONFIG, mod.PRESETS, preset)
 
@@ -97,7 +97,7 @@ def _cell(text: str) -> str:
 
 def markdown_tables() -> str:
     """One Markdown table per stage: field, type, default, smoke value where it differs, meaning."""
-    from pipelines.core.runner import STAGES, stage_module
+    from pipelines.core.stages import STAGES, stage_module
 
     out = []
     for stage in STAGES:

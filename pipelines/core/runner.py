@@ -10,21 +10,15 @@ Each stage module provides `CONFIG` (a frozen dataclass), `PRESETS`, `NEEDS_RAY`
 from __future__ import annotations
 
 import argparse
-import importlib
 import shlex
 import sys
 import time
 from pathlib import Path
 
 from orchestrator.storage.atomic import write_json
-from pipelines.core.cli import PRESETS, ConfigError, RunContext, base_parser, prepare_run_dir
-
-STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep", "fewshot")  # the pipeline, in order
-
-
-def stage_module(name: str):
-    return importlib.import_module(f"pipelines.{name}")
-
+from pipelines.core.cli import PRESETS, RunContext, base_parser, prepare_run_dir
+from pipelines.core.config import ConfigError
+from pipelines.core.stages import STAGES, stage_module
 
 def stages_with(key: str, mods: dict) -> list[str]:
     """The stages among `mods` whose config accepts `key` (a dotted field name such as `sampling.sampler`)."""
@@ -102,7 +96,7 @@ def record_invocation(run, cfgs: dict, command: str) -> None:
 
 def resolve(args, stages: tuple[str, ...], mods: dict) -> dict:
     """Every stage's config from the preset, --config, the sweep's --spec, --set and --seed (fail fast)."""
-    from pipelines.core.cli import build_config
+    from pipelines.core.config import build_config
 
     routed = split_overrides(args.overrides, stages, mods)
     layers = {s: [] for s in stages}
@@ -113,9 +107,7 @@ def resolve(args, stages: tuple[str, ...], mods: dict) -> dict:
     if getattr(args, "tasks", None):
         routed["features"].append(f"tasks_file={Path(args.tasks).resolve()}")
     if getattr(args, "spec", None):
-        from pipelines.sweeps.spec import load_spec
-
-        layers["sweep"].append(load_spec(Path(args.spec)))
+        layers["sweep"].append(mods["sweep"].load_spec(Path(args.spec)))  # the sweep stage reads its own spec files
     if getattr(args, "resume", False):
         routed["sweep"].append("resume=true")
     # one stage: --seed must mean something for it; a chain: it seeds the stages that have a seed

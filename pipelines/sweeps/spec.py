@@ -29,10 +29,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.core.cli import ConfigError
+from pipelines.core.config import ConfigError
 from pipelines.core.config import (
-    Seed,
     Runtime,
+    Seed,
     field_value,
     fields,
     result_fields,

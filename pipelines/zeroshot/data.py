@@ -25,7 +25,7 @@ from models.weight_norm import WeightNormalizer
 from models.zeroshot.tasks import TaskData
 from orchestrator.storage.atomic import atomic_path, write_json
 from orchestrator.storage.rundir import RunDir
-from pipelines.core.cli import ConfigError
+from pipelines.core.config import ConfigError
 from pipelines.suites.base import META_TEST, META_TRAIN
 from pipelines.suites.splits import assign_splits
 
@@ -88,19 +88,6 @@ def store_spec(run: RunDir | Path) -> TaskNetSpec:
     if spec is None:
         raise ZeroShotError(f"no experts in {run.store}: run `python -m pipelines.experts --run-dir {run.root}` first")
     return TaskNetSpec(**spec)
-
-
-def run_spec(run: RunDir | Path, feats, preset: str = "default") -> TaskNetSpec:
-    """The run's task network: the one its farm trained (the store's manifest); before any farm ran here,
-    the one the farm would train on these features with the preset's experts config."""
-    try:
-        return store_spec(run)
-    except ZeroShotError:
-        from orchestrator.farm import task_net_spec
-        from pipelines import experts
-        from pipelines.core.cli import build_config
-
-        return task_net_spec(feats, build_config(experts.ExpertsConfig, experts.PRESETS, preset, []))
 
 
 def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:

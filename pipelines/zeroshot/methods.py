@@ -102,7 +102,7 @@ GENERATIVE = tuple(n for n, m in METHODS.items() if m.weights is not None)
 def method(name: str) -> Method:
     """The registry entry of `name`; an unknown name is a ConfigError listing the valid ones."""
     if name not in METHODS:
-        from pipelines.core.cli import ConfigError
+        from pipelines.core.config import ConfigError
 
         raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
@@ -112,7 +112,7 @@ def generate(name: str, models: TrainedModels, c: torch.Tensor, sampling: Sampli
     """Raw task-network weights [B, P] from a generative method for description embeddings c [B, d_txt]."""
     m = method(name)
     if m.weights is None:
-        from pipelines.core.cli import ConfigError
+        from pipelines.core.config import ConfigError
 
         raise ConfigError(f"{name} is a reference, not a generator; choose one of {', '.join(GENERATIVE)}")
     return m.weights(models, c, sampling).detach()

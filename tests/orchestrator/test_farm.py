@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from orchestrator.storage.store import StoreError, WeightStore
-from pipelines.core.cli import build_config
+from pipelines.core.config import build_config
 from pipelines import experts
 from tests.conftest import ROOT, run_cli
 

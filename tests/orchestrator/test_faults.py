@@ -29,7 +29,7 @@ import pytest
 from orchestrator.storage.store import MANIFEST, WeightStore, file_sha256, weights_checksum
 from orchestrator.storage.atomic import write_json
 from pipelines import experts
-from pipelines.core.cli import build_config
+from pipelines.core.config import build_config
 from tests.conftest import ROOT, run_cli
 from tests.orchestrator.multinode import assert_store_matches, loopback_cluster, reference_weights
 

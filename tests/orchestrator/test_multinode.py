@@ -10,7 +10,7 @@ import torch
 
 from orchestrator.storage.store import WeightStore
 from pipelines import experts
-from pipelines.core.cli import build_config
+from pipelines.core.config import build_config
 from tests.orchestrator.multinode import assert_store_matches, loopback_cluster, reference_weights
 from tests.orchestrator.test_train import BASE, reference, toy_loop  # the toy DDP job (shipped by value to the workers)
 

@@ -29,7 +29,7 @@ def test_unknown_field_fails_before_any_work(tmp_path):
 @pytest.mark.parametrize("stage, preset", [("experts", "smoke"), ("evaluate", "default")])
 def test_help_lists_every_field_with_type_value_and_meaning(stage, preset):
     from pipelines.core.config_docs import preset_config, rows, value_text
-    from pipelines.core.runner import stage_module
+    from pipelines.core.stages import stage_module
 
     r = run_cli(f"pipelines.{stage}", "--preset", preset, "--help")
     assert r.returncode == 0, r.stderr

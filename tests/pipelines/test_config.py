@@ -9,9 +9,10 @@ import pytest
 import yaml
 
 from pipelines import evaluate, experts, features, fewshot, generators
-from pipelines.core.cli import ConfigError, build_config
+from pipelines.core.config import ConfigError, build_config
 from pipelines.core.config import is_runtime, result_values
-from pipelines.core.runner import STAGES, run_stages
+from pipelines.core.runner import run_stages
+from pipelines.core.stages import STAGES
 
 # Shard ids and the weight store are keyed by these: a change would orphan every existing store.
 PINNED = {
@@ -186,9 +187,8 @@ def test_run_records_merge_stage_sections_and_append_commands(tmp_path):
 def test_fewshot_uses_the_farms_network(zs_run_dir, tmp_path):
     from models.task_net import TaskNetSpec
     from orchestrator.storage.suite_features import SuiteFeatures
-    from pipelines.zeroshot.data import run_spec
-
     feats = SuiteFeatures.load(zs_run_dir / "features")
+    run_spec = fewshot.task_net
     assert run_spec(zs_run_dir, feats) == TaskNetSpec(d_img=feats.d_img, d_txt=feats.d_txt)  # the store's manifest
     derived = run_spec(tmp_path / "no-store", feats, "smoke")  # no farm yet: what the farm would train
     assert derived == TaskNetSpec(d_img=feats.d_img, hidden=32, d_txt=feats.d_txt, logit_scale=10.0)

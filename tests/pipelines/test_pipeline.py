@@ -67,7 +67,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     # Bring your own descriptions: the smoke suite's tasks as a task file, weights from the trained run.
     from pipelines.suites import write_task_file
     from pipelines.features import FeaturesConfig, PRESETS, load_tasks
-    from pipelines.core.cli import build_config
+    from pipelines.core.config import build_config
 
     task_file = tmp_path / "tasks.jsonl"
     write_task_file(load_tasks(build_config(FeaturesConfig, PRESETS, "smoke", [])), task_file)

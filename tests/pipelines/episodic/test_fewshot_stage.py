@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from pipelines import fewshot
-from pipelines.core.cli import ConfigError, RunContext, build_config
+from pipelines.core.cli import RunContext
+from pipelines.core.config import ConfigError, build_config
 
 
 @pytest.fixture(scope="module")

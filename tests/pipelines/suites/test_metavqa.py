@@ -366,7 +366,8 @@ def test_cli_errors_exit_2_before_writing(vqa, tmp_path):
 def test_built_task_file_feeds_the_features_stage(vqa, tmp_path):
     """The builder's output is a task file the pipeline takes as is: real encoders, the paper's splits kept."""
     from pipelines import features
-    from pipelines.core.cli import RunContext, build_config
+    from pipelines.core.cli import RunContext
+    from pipelines.core.config import build_config
 
     out = tmp_path / "out"
     p, _ = cli("--questions", *vqa["q"], "--annotations", *vqa["a"], "--images", *vqa["images"], "--out", out)

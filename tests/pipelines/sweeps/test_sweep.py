@@ -12,7 +12,7 @@ import time
 import pandas as pd
 import pytest
 
-from pipelines.core.cli import ConfigError, build_config
+from pipelines.core.config import ConfigError, build_config
 from pipelines.sweeps.spec import SweepConfig, expand, load_spec
 from tests.conftest import ROOT, copy_run, run_cli
 
