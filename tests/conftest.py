@@ -14,6 +14,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri (called by an in-process tracker) writes MLFLOW_TRACKING_URI into os.environ,
+    which every later CLI subprocess would inherit: restore it after each test."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models run fastest on one thread: on 2 busy cores a second intra-op thread only adds
