@@ -20,8 +20,7 @@ from pydantic import Field, field_validator
 
 from models.encoders import IMAGE_ENCODERS, TEXT_ENCODERS
 from pipelines.core.cli import RunContext
-from pipelines.core.config import ConfigError
-from pipelines.core.config import Runtime, Seed, config_values, result_values, stage_config
+from pipelines.core.config import ConfigError, Runtime, Seed, config_values, result_values, stage_config
 from pipelines.suites import SUITES
 
 SPLIT_MODES = ("random", "compositional")

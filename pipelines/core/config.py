@@ -405,3 +405,21 @@ def build_config(cls, presets: dict[str, dict], preset: str, overrides=(), seed:
             raise ConfigError(f"--seed: {cls.__stage__} has no seed of its own; set the stage's fields with --set")
         top[cls.__seed_field__] = seed
     return build(cls, presets[preset], *layers, top)
+
+
+def read_yaml_mapping(path, what: str, fix: str) -> dict:
+    """A YAML file that must hold a mapping (a --config file, a sweep spec); every problem is one ConfigError
+    naming `what` and the file, with `fix` saying how to write one."""
+    import yaml
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}: no such file; {fix}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping of keys to values; {fix}")
+    return data

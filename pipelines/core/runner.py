@@ -52,15 +52,10 @@ def split_overrides(overrides: list[str], stages: tuple[str, ...], mods: dict | 
 
 def read_config_file(path: Path) -> dict[str, dict]:
     """A YAML config file shaped like --print-config's output: {stage: {field: value}}."""
-    import yaml
+    from pipelines.core.config import read_yaml_mapping
 
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file; write one with --print-config")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+    data = read_yaml_mapping(path, "--config", "write one with --print-config")
+    if not all(isinstance(v, dict) for v in data.values()):
         raise ConfigError(f"--config {path}: expected a mapping of stage names to their fields, as --print-config prints")
     unknown = [k for k in data if k not in STAGES]
     if unknown:

@@ -29,12 +29,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.core.config import ConfigError
 from pipelines.core.config import (
+    ConfigError,
     Runtime,
     Seed,
     field_value,
     fields,
+    read_yaml_mapping,
     result_fields,
     stage_config,
 )
@@ -153,16 +154,7 @@ def _grid(cls, name: str, key: str, value):
 
 def load_spec(path: Path) -> dict:
     """A YAML sweep spec as one layer of SweepConfig values (its path recorded in `spec`)."""
-    import yaml
-
-    if not path.is_file():
-        raise ConfigError(f"sweep spec {path} does not exist; pass --spec with a YAML file (see pipelines/sweeps/spec.py)")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep spec {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"sweep spec {path} must be a mapping of keys to values")
+    loaded = read_yaml_mapping(path, "sweep spec", "pass --spec with a YAML file such as configs/sweeps/gamma.yaml")
     return {**loaded, "spec": str(path.resolve())}
 
 

@@ -17,8 +17,7 @@ import torch
 from models.zeroshot.tasks import Hooks
 from orchestrator.storage.rundir import RunDir
 from pipelines.core.cli import RunContext
-from pipelines.core.config import ConfigError
-from pipelines.core.config import build, config_values, result_values
+from pipelines.core.config import ConfigError, build, config_values, result_values
 from pipelines.zeroshot.data import load_split, read_plan, read_val_fraction, save_model, store_spec
 
 

@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from pipelines import evaluate, experts, features, fewshot, generators
-from pipelines.core.config import ConfigError, build_config
-from pipelines.core.config import is_runtime, result_values
+from pipelines.core.config import ConfigError, build_config, is_runtime, result_values
 from pipelines.core.runner import run_stages
 from pipelines.core.stages import STAGES
 
