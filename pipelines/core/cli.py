@@ -119,7 +119,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="global seed (overrides the config's seed)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field; repeatable; an unknown field fails before any work starts")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else the one `ray start` runs on this machine, "
+                   "else a private Ray on 127.0.0.1; `local` forces a private one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     return p
 
