@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -329,6 +330,11 @@ def shutdown(info: RayInfo | None) -> None:
         return
     if not info.started_here:
         return
+    if info.log_dir is not None:  # a monitor watching this run gets the last values before they go
+        from orchestrator.monitor import wait_for_last_scrape
+
+        wait_for_last_scrape(info.log_dir.parent, ray._config.metrics_report_interval_ms() / 1000,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
     try:
         ray.shutdown()
     finally:

@@ -59,9 +59,9 @@ def install_prometheus(log=print) -> str:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     try:
         cmd = ["apt-get", "install", "-y", "--no-install-recommends", "prometheus"]
-        if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if subprocess.run(cmd, env=env, capture_output=True, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
             if r.returncode != 0:
                 raise MonitorError(f"apt-get install prometheus failed ({r.stderr.strip().splitlines()[-1:]}); " + INSTALL_HINT)
     finally:
@@ -141,15 +141,59 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
     raise MonitorError(f"Prometheus did not become ready on 127.0.0.1:{port} within {timeout:g}s")
 
 
+STATE = "monitor.json"  # in <run_dir>/logs/prometheus/ while a monitor watches the run: its pid and port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _when(stamp: str) -> float:
+    """Seconds since the epoch of Prometheus's RFC 3339 time (nanoseconds cut to microseconds)."""
+    from datetime import datetime
+
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return datetime.fromisoformat(f"{head}.{(frac or '0')[:6]}+00:00").timestamp()
+
+
+def wait_for_last_scrape(run_dir: Path, export_interval_s: float, log=print, limit_s: float = 40.0) -> bool:
+    """Before a private Ray stops: when a monitor watches this run, wait until Prometheus has scraped every
+    target after Ray's last export (values recorded now reach the metrics agent within one export
+    interval). Without this, a short run's final counts never reach Prometheus. False when it gave up."""
+    try:
+        state = json.loads((Path(run_dir) / "logs" / "prometheus" / STATE).read_text())
+    except (OSError, ValueError):
+        return True
+    if not _alive(int(state.get("pid", 0))):
+        return True
+    exported = time.time() + export_interval_s
+    log(f"monitor: waiting up to {limit_s:g}s for Prometheus (127.0.0.1:{state['port']}) to scrape this run's last metrics")
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{state['port']}/api/v1/targets?state=active", timeout=5) as r:
+                targets = json.loads(r.read())["data"]["activeTargets"]
+            up = [t for t in targets if t.get("health") == "up"]
+            if up and all(_when(t["lastScrape"]) > exported for t in up):
+                return True
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(1)
+    return False
+
+
 def grafana_lines(session: dict, port: int, dashboard: Path | None) -> list[str]:
     ini = Path(session["grafana_config"]) / "grafana.ini" if session.get("grafana_config") else None
-    return [
-        f"Grafana (not packaged here; install it from grafana.com): grafana server --config {ini} --homepath "
-        "/usr/share/grafana  (Ray's generated settings: anonymous viewer, embedding allowed, Prometheus at "
-        "RAY_PROMETHEUS_HOST; Ray's dashboards and weightgen.json in folder 'Ray')",
-        f"Ray dashboard's Metrics view: start the run with RAY_PROMETHEUS_HOST=http://127.0.0.1:{port} and "
-        "RAY_GRAFANA_HOST=http://127.0.0.1:3000 in its environment (README, Monitoring)",
-    ] + ([f"weightgen dashboard: {dashboard}"] if dashboard else [])
+    grafana = (f"Grafana (not packaged here; install it from grafana.com): grafana server --config {ini} --homepath "
+               "/usr/share/grafana  (Ray's generated settings: anonymous viewer, embedding allowed, Prometheus at "
+               "RAY_PROMETHEUS_HOST; Ray's dashboards and weightgen.json in folder 'Ray')")
+    embed = (f"Ray dashboard's Metrics view: start the run with RAY_PROMETHEUS_HOST=http://127.0.0.1:{port} and "
+             "RAY_GRAFANA_HOST=http://127.0.0.1:3000 in its environment (README, Monitoring)")
+    return [grafana, embed] + ([f"weightgen dashboard: {dashboard}"] if dashboard else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_prometheus(binary, config, home / "data", args.port)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    state = home / STATE
     try:
         wait_ready(args.port, proc)
+        state.write_text(json.dumps({"pid": os.getpid(), "port": args.port}))
         dashboard = install_dashboard(session)
         print(f"Prometheus: http://127.0.0.1:{args.port}  scraping Ray session {session['session_dir']} "
               f"(config {config}; data {home / 'data'})", flush=True)
@@ -201,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        state.unlink(missing_ok=True)
         if proc.poll() is None:
             proc.terminate()
             try:
