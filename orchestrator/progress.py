@@ -90,30 +90,27 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.0f} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-            if float(total).is_integer() and unit != "expert":
-                fmt = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, smoothing=0.1,
-                            bar_format=fmt)
+            # rate and ETA are this class's (measured on real progress), not tqdm's (which counts start-up)
+            n = "{n:.1f}" if unit == "expert" else "{n:.0f}"
+            fmt = "{desc}: {percentage:3.0f}%|{bar}| " + n + "/{total:.0f} {unit}s [{elapsed}{postfix}]"
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True, bar_format=fmt)
+            self.bar.set_postfix_str("ETA ?", refresh=False)
 
     def rate(self, now: float) -> float | None:
-        """Units per second: since the newest point older than the window; before a window has passed, since
-        the first progress (once a second old); before that, since the start (start-up included)."""
+        """Units per second since the newest point older than the window, else since the first progress; None
+        until that is a second old (start-up, before the first step, does not count)."""
         if not self.history:
             return None
         older = [p for p in self.history if now - p[0] > self.window_s]
-        if older:
-            t_s, n_s = older[-1]
-        elif now - self.history[0][0] >= 1.0 and self.n > self.history[0][1]:
-            t_s, n_s = self.history[0]
-        else:
-            t_s, n_s = self.t0, 0.0
-        if now - t_s <= 0 or self.n <= n_s:
+        t_s, n_s = older[-1] if older else self.history[0]
+        if now - t_s < 1.0 or self.n <= n_s:
             return None
         return (self.n - n_s) / (now - t_s)
 
     def eta(self, now: float | None = None) -> float | None:
         now = time.monotonic() if now is None else now
+        if self.n >= self.total:
+            return 0.0
         r = self.rate(now)
         return None if not r else max(0.0, (self.total - self.n) / r)
 
@@ -133,15 +130,16 @@ class Progress:
             if self.on_eta is not None:
                 self.on_eta(eta)
         if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix_str(postfix, refresh=False)
+            r = self.rate(now)
+            shown = (f"{r:.2f} {self.unit}s/s, " if r else "") + f"ETA {fmt_eta(eta)}" + (f"; {postfix}" if postfix else "")
+            self.bar.set_postfix_str(shown, refresh=False)
             self.bar.update(delta) if delta else self.bar.refresh()
         elif self.every_s > 0 and eta is not None and (now - self.last_line >= self.every_s or n >= self.total):
             self.last_line = now
             self.log(self.line(now, eta))
 
     def line(self, now: float, eta: float | None) -> str:
-        r = self.rate(now)
+        r = self.rate(now) or (self.n / max(now - self.t0, 1e-9) if self.n >= self.total else None)
         pct = 100.0 * self.n / self.total if self.total else 100.0
         n = f"{self.n:.1f}" if self.unit == "expert" else f"{self.n:.0f}"
         return (f"{self.desc}: {n}/{self.total:.0f} {self.unit}s ({pct:.0f}%), "
