@@ -25,6 +25,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
+from models.fewshot import METHODS
 from pipelines.core.cli import RunContext
 from pipelines.core.config import (
     Plan,
@@ -44,7 +45,6 @@ from pipelines.episodic.settings import (
     MetaDiffSettings,
 )
 
-METHODS = ("maml", "fomaml", "hypermaml", "hypertransformer", "metadiff")  # models.fewshot.training.METHODS
 SPLITS = ("random", "compositional", "given")
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.fewshot import METHODS
 from models.fewshot.episodes import Episode, EpisodeBatch, TaskPool, collate
 from models.fewshot.hypermaml import HyperMAML
 from models.fewshot.hypertransformer import HyperTransformer
@@ -19,7 +20,6 @@ from models.fewshot.maml import MAML
 from models.fewshot.metadiff import MetaDiff, fit_multitask, fit_targets
 from models.task_net import TaskNetSpec, init_weights
 
-METHODS = ("maml", "fomaml", "hypermaml", "hypertransformer", "metadiff")
 
 
 MAX_ANSWERS = 8  # candidate answers the hypernetworks are built for
