@@ -287,7 +287,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "
             f"on {cfg.num_workers} workers -> Ray Train run {name}")
     n_units = len(cfg.splits) * len(cfg.seeds) * (1 if cfg.mixed_shots else len(cfg.shots))
-    total_steps = n_units * sum(cfg.schedule(m)[0] for m in cfg.methods)
+    total_steps = n_units * sum(cfg.settings(m).train_steps for m in cfg.methods)
     res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers,
                        stage="fewshot", progress_total=total_steps, show_progress=ctx.progress, log=ctx.log)
     rows, timings = [], {"launch": res.wall_s}
