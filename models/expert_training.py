@@ -2,7 +2,7 @@
 
 Adam is elementwise, so `torch.optim.Adam` over parameters stacked along a leading expert axis is
 exactly E independent Adams; the expert axis turns the adapter's matmuls into large batched matmuls,
-which is where a CPU gets its FLOPs (DESIGN.md §4: vmap in one process beat many actors).
+which is where a CPU gets its FLOPs (measured: vmap in one process beat many actors).
 """
 from __future__ import annotations
 

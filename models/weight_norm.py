@@ -5,7 +5,7 @@ differ in scale by orders of magnitude (fc1 ~ 1/sqrt(d_img), biases far smaller 
 generative model fit to raw `w` would spend its capacity on the shared offset and the largest layer.
 Subtracting the per-coordinate mean leaves the experts' differences; dividing each layer by one
 scalar std puts the layers on a common scale while keeping the relative sizes of coordinates within a
-layer (DESIGN.md §2: "per-layer normalisation").
+layer (experts from one shared init, normalised per layer, are what a generative model can learn).
 """
 from __future__ import annotations
 

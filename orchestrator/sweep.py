@@ -6,7 +6,7 @@ progress bar. It never restores Tune's own state: Tune pickles its experiment (t
 pickled trials inside experiment_state JSON), and unpickling a file from a shared run directory runs
 whatever code was planted there. The caller resumes from its own JSON records of finished trials and
 hands this module only the trials still to run; Tune's folder is cleared before every start.
-Only the driver writes to MLflow (DESIGN.md §4: SQLite locks under concurrent writers): a Tune
+Only the driver writes to MLflow (SQLite locks under concurrent writers): a Tune
 callback logs each trial as it finishes, and the caller logs every finished trial again at the end
 (pipelines.sweep.run), which fills in any trial whose run a killed driver never wrote. `MlflowTrials.log`
 skips a trial that already has a child run (found by its `trial_key` tag), so every trial ends with

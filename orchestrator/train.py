@@ -3,7 +3,7 @@
 Driver side: `launch(loop, config, name=..., run_dir=...)` -> `TrainResult`.
 Inside `loop(config)`, on every worker: `rank`, `world_size`, `prepare`, `unwrap`, `shard`,
 `all_mean`, `report`, `restore`. A stage keeps its maths in a pure `train_step` that knows nothing
-of Ray and wraps it in a short loop built from these helpers (DESIGN.md §5).
+of Ray and wraps it in a short loop built from these helpers.
 
 Resume (Ray Train V2): there is no `Trainer.restore`; constructing the trainer again with the same
 `RunConfig(name, storage_path)` makes the controller load `checkpoint_manager_snapshot.json` from
@@ -36,7 +36,7 @@ from orchestrator.storage.rundir import RunDir
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
-CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint (DESIGN.md §5)
+CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint
 METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a resumed run keep its curve
 
 

@@ -1,7 +1,7 @@
 """Optional open_clip backend (the paper's CLIP encoders) for machines that have or can fetch the weights.
 
 open_clip is imported only when one of these encoders is built: it imports torchvision, whose wheels on
-CPU-only hosts are often CUDA builds that fail to import (DESIGN.md section 4).
+CPU-only hosts are often CUDA builds that fail to import.
 """
 from __future__ import annotations
 

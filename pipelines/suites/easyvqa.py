@@ -1,4 +1,4 @@
-"""The `easyvqa` suite (DESIGN.md §2): one task per unique easy-VQA question, as in Meta-VQA."""
+"""The `easyvqa` suite: one task per unique easy-VQA question, as in Meta-VQA."""
 from __future__ import annotations
 
 import functools

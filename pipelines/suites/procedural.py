@@ -1,4 +1,4 @@
-"""The `procedural` task family (DESIGN.md §2): seeded predicates over each image's (colour, shape).
+"""The `procedural` task family: seeded predicates over each image's (colour, shape).
 
 Every candidate task is a function on the 24 (colour, shape) cells; a yes/no task is a bitmask over the
 cells, a multi-class task maps the cells of its domain to answers. Candidates with the same function on

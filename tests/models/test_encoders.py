@@ -172,7 +172,7 @@ def test_open_clip_missing_checkpoint_fails_fast(tmp_path):
     assert "no_such_clip.pt" in msg and "internet" in msg and "checkpoint" in msg
 
 
-# Why these cannot run on the project's CPU machines (DESIGN.md §4): open_clip needs torchvision, and every
+# Why these cannot run on the project's CPU machines: open_clip needs torchvision, and every
 # torchvision wheel reachable here is a CUDA build that fails to import next to CPU torch
 # ("operator torchvision::nms does not exist"), so the test environment leaves the [clip] extra out.
 NO_CLIP_HERE = "the [clip] extra is not installed: torchvision wheels here are CUDA builds that fail next to CPU torch"
