@@ -24,9 +24,8 @@ import json
 import textwrap
 import types
 import typing
-from typing import Annotated, Any
+from typing import Annotated
 
-import annotated_types
 import pydantic
 from pydantic import ConfigDict, ValidationError
 from pydantic.fields import FieldInfo
@@ -74,6 +73,8 @@ def stage_config(name: str, seed_field: str | None = "seed"):
             try:
                 init(self, *args, **kwargs)
             except ValidationError as e:
+                from pipelines.core.config_errors import describe
+
                 raise ConfigError(describe(e, type(self))) from None
 
         cls.__init__ = __init__
@@ -173,7 +174,9 @@ def field_value(cls, name: str, value):
     try:
         return pydantic.TypeAdapter(ann, config=ConfigDict(allow_inf_nan=False)).validate_python(value)
     except ValidationError as e:
-        raise ConfigError("; ".join(_one({**x, "loc": (name, *x["loc"])}, cls) for x in e.errors())) from None
+        from pipelines.core.config_errors import one_error
+
+        raise ConfigError("; ".join(one_error({**x, "loc": (name, *x["loc"])}, cls) for x in e.errors())) from None
 
 
 def plain(value):
@@ -296,102 +299,6 @@ def _shape(annotation, raw: str):
 
 
 # ----------------------------------------------------------------------------- one-line errors
-
-
-def describe(error: ValidationError, cls) -> str:
-    """A pydantic ValidationError as one line: stage.field=value, what is wrong and what is allowed."""
-    errors = error.errors()
-    # a list whose items failed also counts as too short after validation: its items' errors say more
-    inner = {e["loc"][:-1] for e in errors if e["loc"] and isinstance(e["loc"][-1], int)}
-    return "; ".join(_one(e, cls) for e in errors if not (e["type"] == "too_short" and e["loc"] in inner))
-
-
-def _one(e: dict, cls) -> str:
-    loc = [p for p in e["loc"] if p != "__root__"]
-    path = cls.__stage__ + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
-    kind, ctx = e["type"], e.get("ctx") or {}
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        name = ".".join(str(p) for p in loc)
-        return f"unknown config field {name!r} for {cls.__stage__}; valid keys: {', '.join(valid_keys(cls))}"
-    shown = f"{path}={_show(e['input'])}"
-    if kind in ("value_error", "assertion_error"):  # a validator's own message; a long input is left out
-        short = loc and not isinstance(e["input"], (dict, list, tuple))
-        return f"{shown if short else path}: {ctx.get('error', e['msg'])}"
-    ann, meta = _annotation(cls, loc)
-    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return f"{shown} is out of range; it must be {bounds_of(meta) or bounds_of([ctx])}"
-    if kind == "finite_number":
-        bounds = bounds_of(meta)
-        return f"{shown} is not allowed; it must be a finite number" + (f" {bounds}" if bounds else "")
-    if kind == "literal_error":
-        choices = typing.get_args(ann) if typing.get_origin(ann) is typing.Literal else ()
-        return f"{shown} is not valid; choose one of {', '.join(map(str, choices)) if choices else ctx.get('expected')}"
-    if kind == "too_short":
-        return f"{shown} is empty; give at least {ctx.get('min_length', 1)} value(s)"
-    if kind == "missing":
-        return f"{path} is missing"
-    if kind == "string_pattern_mismatch":
-        return f"{shown} is not valid; it must match {ctx.get('pattern')}"
-    expected = {"int": "an int", "float": "a float", "bool": "true or false", "string": "text",
-                "tuple": "a comma list", "list": "a list", "dict": "a mapping"}
-    for word, what in expected.items():
-        if kind.startswith(word + "_") or kind == word:
-            return f"{shown} is not {what} (field type {_type_name(ann)})"
-    return f"{shown}: {e['msg']}"
-
-
-def _show(value) -> str:
-    """A bad value as the user wrote it: numbers bare, other text quoted."""
-    if isinstance(value, str):
-        try:
-            float(value)
-            return value
-        except ValueError:
-            return repr(value)
-    return repr(value)
-
-
-def _annotation(cls, loc: list) -> tuple[Any, list]:
-    """(annotation, constraint metadata) of the field or tuple item at `loc`."""
-    ann, meta = None, []
-    target = cls
-    for p in loc:
-        if isinstance(p, str) and target is not None and is_config(target) and p in fields(target):
-            info = fields(target)[p]
-            ann, meta = info.annotation, list(info.metadata)
-            target = ann if is_config(ann) else None
-        elif isinstance(p, int) and typing.get_origin(ann) is tuple:
-            ann, meta = unwrap(typing.get_args(ann)[0])
-        else:
-            return None, []
-    return ann, meta
-
-
-def unwrap(ann) -> tuple[Any, list]:
-    """An `Annotated[T, Field(...)]` item type as (T, its constraint metadata)."""
-    if typing.get_origin(ann) is typing.Annotated:
-        base, *extra = typing.get_args(ann)
-        meta = []
-        for m in extra:
-            meta += list(m.metadata) if isinstance(m, FieldInfo) else [m]
-        return base, meta
-    return ann, []
-
-
-def bounds_of(meta) -> str:
-    """Constraint metadata (annotated_types, or pydantic's error context) as `>= 1 and <= 100`."""
-    ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-    out = []
-    for m in meta:
-        for attr, op in ops:
-            v = m.get(attr) if isinstance(m, dict) else getattr(m, attr, None)
-            if v is not None and isinstance(m, (dict, annotated_types.BaseMetadata)):
-                out.append(f"{op} {v}")
-    return " and ".join(out)
-
-
-def _type_name(ann) -> str:
-    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 
 def build_config(cls, presets: dict[str, dict], preset: str, overrides=(), seed: int | None = None, layers=()):

@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 
 from pipelines.core import config as C
+from pipelines.core.config_errors import bounds_of, unwrap
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 BEGIN = "<!-- config-tables:begin -->"  # generated: edit the field docstrings, then run python -m pipelines.core.config_docs
@@ -22,10 +23,10 @@ END = "<!-- config-tables:end -->"
 
 def type_text(annotation, meta=()) -> str:
     """A field's type in words: `int >= 1`, `list of float`, `one of ddim, ddpm`, `str or none`."""
-    bounds = C.bounds_of(meta)
+    bounds = bounds_of(meta)
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Annotated:
-        return type_text(*C.unwrap(annotation))
+        return type_text(*unwrap(annotation))
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         return " or ".join(type_text(a) for a in rest) + (" or none" if len(rest) < len(args) else "")
