@@ -89,7 +89,7 @@ def sweep_runs(run_dir, name: str):
 @pytest.mark.ray
 @pytest.mark.mlflow
 @pytest.mark.slow
-def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_path, monkeypatch):
+def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_path):
     spec = tmp_path / "small.yaml"
     spec.write_text("name: small\nmethods: [hnet_hyperldm, hvae_hyperclip, multitask]\nguidance_scale: [0, 1.5]\n"
                     "sampler_steps: [5]\nguidance_steps: [5]\nguidance_lr: {loguniform: [0.01, 0.1]}\nnum_samples: 2\n")
@@ -104,12 +104,13 @@ def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_pat
     assert tags["trial_key"].is_unique
     for k in kids:
         assert 0.0 <= k.data.metrics["val_accuracy"] <= 1.0 and 0.0 <= k.data.metrics["test_accuracy"] <= 1.0
-    # Searchable by tags, as the README shows.
-    import mlflow
+    # Searchable by tags, as the README shows. (An explicit client: an earlier in-process tracker may have
+    # set mlflow's process-wide tracking URI, which wins over the environment.)
+    from mlflow.tracking import MlflowClient
 
-    # (mlflow.set_tracking_uri would export MLFLOW_TRACKING_URI to every later subprocess: scope it to this test)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained_run / 'mlflow.db'}")
-    hit = mlflow.search_runs(experiment_names=["weightgen"],
+    client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("weightgen")
+    hit = client.search_runs([exp.experiment_id],
                              filter_string="tags.method = 'hnet_hyperldm' and tags.guidance_scale = '1.5' and tags.sweep = 'small'")
     assert len(hit) == 1
     folder = trained_run / "sweeps" / "small"
