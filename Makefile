@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install run smoke test test-fast bench clean
+.PHONY: install run smoke test test-fast bench monitor clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 # Unit tests only: no Ray cluster, no slow end-to-end runs (a few minutes).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not ray" $(PYTEST_ARGS)
+
+# Prometheus on 127.0.0.1:9090 for a run (installs Debian's prometheus as root when missing): make monitor RUN=runs/smoke
+monitor: $(STAMP)
+	$(BIN)/python -m orchestrator.monitor $(or $(RUN),runs/default)
 
 bench: $(STAMP)
 	$(BIN)/python bench/farm.py $(ARGS)

@@ -7,7 +7,7 @@ which is where a CPU gets its FLOPs (measured: vmap in one process beat many act
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,7 @@ def train_experts(
     checkpoint_every: int = 0,
     sample_fraction: float = 1.0,
     generator: torch.Generator | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Full-batch Adam on every expert's support loss at once; yields (step, w [E, P]) at checkpoints and the end.
 
@@ -99,7 +100,8 @@ def train_experts(
     are gathered once and stay resident, padded to the shard's largest support set; padding is masked
     out of the loss, so each expert's trajectory is that of training it alone. With
     `sample_fraction` < 1 each step keeps a random subset of every support set (stochastic
-    minibatches without a per-step gather), drawn from `generator`.
+    minibatches without a per-step gather), drawn from `generator`. `on_step(step)`, when given, is
+    called after every step (progress reporting).
     """
     net = skeleton(layout.spec)
     params = {k: v.clone().requires_grad_(True) for k, v in layout.unflatten(w0).items()}
@@ -119,6 +121,8 @@ def train_experts(
         for k, p in params.items():
             p.grad = grads[k]
         opt.step()
+        if on_step is not None:
+            on_step(step)
         if step == steps or (checkpoint_every and step % checkpoint_every == 0):
             yield step, layout.flatten({k: v.detach() for k, v in params.items()}).clone()
 

@@ -11,16 +11,18 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import ray
 import torch
-from tqdm.auto import tqdm
 
 from models.errors import UserError
 from models.expert_training import evaluate_experts, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
+from orchestrator import metrics
+from orchestrator.progress import Progress, Reporter, new_hub
 from orchestrator.storage.store import StoreError, WeightStore
 from orchestrator.storage.suite_features import SuiteFeatures, task_batch
 
@@ -119,8 +121,9 @@ def feature_tensors(data: SuiteFeatures) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(data.image_feats), torch.tensor(data.text_feats)
 
 
-def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dict:
-    """Train one shard's experts; returns weights [R, P] (R = experts x checkpoints) and their metadata rows."""
+def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None, on_step=None) -> dict:
+    """Train one shard's experts; returns weights [R, P] (R = experts x checkpoints) and their metadata rows.
+    `on_step(step)` is called after every training step (progress)."""
     t0 = time.perf_counter()
     spec = task_net_spec(data, cfg)
     layout = WeightLayout(spec)
@@ -130,7 +133,8 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dic
     w0 = start_weights(layout, cfg, shard.members, list(data.tasks["id"]))
     gen = torch.Generator().manual_seed(int(shard.shard_id.rsplit("-", 1)[1], 16) ^ cfg.seed)
     out_w, meta = [], []
-    for step, w in train_experts(layout, feats, batch, w0, cfg.steps, cfg.lr, cfg.checkpoint_every, cfg.sample_fraction, gen):
+    for step, w in train_experts(layout, feats, batch, w0, cfg.steps, cfg.lr, cfg.checkpoint_every, cfg.sample_fraction, gen,
+                                 on_step=on_step):
         s_acc, s_loss = evaluate_experts(layout, feats, w, batch.prompts, batch.answer_mask, batch.support_idx, batch.support_lab, batch.support_n)
         q_acc, q_loss = evaluate_experts(layout, feats, w, batch.prompts, batch.answer_mask, batch.query_idx, batch.query_lab, batch.query_n)
         out_w.append(w.numpy())
@@ -148,26 +152,24 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None) -> dic
 
 @ray.remote
 class FarmWorker:
-    """A named farm actor: holds the suite's features once and trains whole shards on request."""
+    """A named farm actor: holds the suite's features once and trains whole shards on request, telling the
+    driver's progress hub its step within the shard (orchestrator.progress)."""
 
-    def __init__(self, data: SuiteFeatures, cfg, threads: int):
+    def __init__(self, data: SuiteFeatures, cfg, threads: int, hub=None):
         torch.set_num_threads(threads)
         self.data, self.cfg = data, cfg
         self.tensors = feature_tensors(data)
-        from ray.util import metrics
+        self.report = Reporter(hub)
 
-        self.done = metrics.Counter("farm_experts_trained", description="experts trained by this actor")
-        self.rate = metrics.Gauge("farm_experts_per_second", description="experts/s of the last shard")
-        self.secs = metrics.Histogram(
-            "farm_shard_seconds", description="seconds per shard", boundaries=[1, 5, 15, 30, 60, 120, 300, 600]
-        )
+    def node(self) -> str:
+        """The Ray node id this actor runs on (also the driver's "it is running" probe)."""
+        return ray.get_runtime_context().get_node_id()
 
     def train(self, shard: ShardSpec) -> dict:
-        out = train_shard(self.data, shard, self.cfg, self.tensors)
+        steps = self.cfg.steps
+        out = train_shard(self.data, shard, self.cfg, self.tensors,
+                          on_step=lambda step: self.report(shard.shard_id, step, steps))
         out["node"] = ray.get_runtime_context().get_node_id()  # so the driver can say which nodes did the work
-        self.done.inc(len(shard.members))
-        self.rate.set(len(shard.members) / out["seconds"])
-        self.secs.observe(out["seconds"])
         return out
 
 
@@ -184,6 +186,7 @@ class FarmSummary:
     flops: float
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> experts trained there
     tasks_skipped: int = 0  # tasks left out: no support or no query examples (listed in the store's manifest)
+    first_eta_seconds: float | None = None  # from the farm's start to the first progress update with an ETA
 
     @property
     def gflops(self) -> float:
@@ -191,6 +194,7 @@ class FarmSummary:
 
 
 MAX_SHARD_ATTEMPTS = 3
+POLL_S = 1.0  # how often the driver asks the progress hub where the actors are
 PLACEMENT_TIMEOUT_S = 300.0  # how long the farm waits for an actor to be placed (an autoscaler may add a node)
 # What a lost actor or node looks like from the driver; a shard that hit one is trained again elsewhere.
 LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
@@ -269,31 +273,37 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             "(an autoscaling cluster may add it)")
     data_ref = ray.put(data)
     generation = [0] * n_actors
+    hub = new_hub()
+    run = Path(store.root).parent.parent.name  # <run_dir>/store/weights
+    driver = metrics.tags("driver", metrics.this_node(), "experts", run)
+    names = [""] * n_actors  # the actor in each slot, as named in Ray and in the metrics
+    node_of = [""] * n_actors  # the node the slot's actor runs on, once it is running
 
     def new_worker(i: int):
         # No Ray-side restarts: the driver replaces a dead actor itself and resubmits its shards.
-        name = f"farm-worker-{i}" + (f"-r{generation[i]}" if generation[i] else "")
-        return FarmWorker.options(name=name, num_cpus=cfg.cpus_per_actor).remote(data_ref, cfg, cfg.cpus_per_actor)
+        names[i] = f"farm-worker-{i}" + (f"-r{generation[i]}" if generation[i] else "")
+        return FarmWorker.options(name=names[i], num_cpus=cfg.cpus_per_actor).remote(data_ref, cfg, cfg.cpus_per_actor, hub)
 
     workers = [new_worker(i) for i in range(n_actors)]
     queue = list(reversed(todo))
-    pending: dict = {}  # train ref -> (actor slot, the actor, shard)
+    pending: dict = {}  # train ref -> (actor slot, the actor, shard, the actor's name)
     # Ready probe of an actor not yet running -> (slot, when it was asked for). Shards go only to running
     # actors: one that cannot be placed must not hold any.
-    starting: dict = {w.__ray_ready__.remote(): (i, time.monotonic()) for i, w in enumerate(workers)}
+    starting: dict = {w.node.remote(): (i, time.monotonic()) for i, w in enumerate(workers)}
     attempts: dict[str, int] = {}
     dropped: set[int] = set()  # slots whose actor could not be placed
 
     def submit(i: int) -> None:
         if queue:
             shard = queue.pop()
-            pending[workers[i].train.remote(shard)] = (i, workers[i], shard)
+            pending[workers[i].train.remote(shard)] = (i, workers[i], shard, names[i])
 
     def replace(i: int) -> None:
         ray.kill(workers[i])  # make sure it is gone (it may be half dead, e.g. unreachable)
         generation[i] += 1
+        metrics.gauge("farm_actor_restarts", generation[i], keep=True, **metrics.tags(f"farm-worker-{i}", node_of[i], "experts", run))
         workers[i] = new_worker(i)
-        starting[workers[i].__ray_ready__.remote()] = (i, time.monotonic())
+        starting[workers[i].node.remote()] = (i, time.monotonic())
 
     def give_up_on_unplaced() -> None:
         """Drop actors not placed on a node within the placement timeout; fail when none is left to do the work."""
@@ -317,14 +327,32 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
         log(f"farm: {len(late)} of {n_actors} actor(s) could not be placed within {placement_timeout:g}s "
             f"(each asks for {cfg.cpus_per_actor} CPU); going on with the other {n_actors - len(dropped)}")
 
-    bar = tqdm(total=sum(len(s.members) for s in todo), unit="expert", desc="expert farm", disable=not progress, smoothing=0.1)
+    bar = Progress(sum(len(s.members) for s in todo), "expert farm", "expert", progress, log,
+                   on_eta=lambda eta: metrics.gauge("farm_eta_seconds", eta, keep=True, **driver))
+    last_poll = 0.0
+
+    def show_progress() -> None:
+        """Finished experts plus the in-flight shards' share of their steps (as the actors report them)."""
+        nonlocal last_poll
+        if time.monotonic() - last_poll < POLL_S:
+            return
+        last_poll = time.monotonic()
+        try:
+            steps = ray.get(hub.snapshot.remote(), timeout=10)
+        except (ray.exceptions.GetTimeoutError, *LOST):
+            return
+        partial = sum(len(sh.members) * steps[sh.shard_id][0] / max(steps[sh.shard_id][1], 1)
+                      for _, _, sh, _ in pending.values() if sh.shard_id in steps)
+        bar.update_to(summary.experts_trained + partial)
+
     try:
         while pending or (queue and starting):
-            timeout = None
+            timeout = POLL_S
             if starting:  # wake up when the oldest waiting actor reaches the placement timeout
                 oldest = min(asked for _, asked in starting.values())
-                timeout = max(0.0, oldest + placement_timeout - time.monotonic())
+                timeout = min(timeout, max(0.0, oldest + placement_timeout - time.monotonic()))
             done, _ = ray.wait(list(pending) + list(starting), num_returns=1, timeout=timeout)
+            show_progress()
             if not done:
                 give_up_on_unplaced()
                 continue
@@ -332,14 +360,15 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             if ref in starting:
                 i, _ = starting.pop(ref)
                 try:
-                    ray.get(ref)
+                    node_of[i] = ray.get(ref)
                 except LOST:
                     replace(i)  # died while starting (e.g. its node went too); the queue waits for it or others
                     continue
+                metrics.gauge("farm_actor_restarts", generation[i], keep=True, **metrics.tags(f"farm-worker-{i}", node_of[i], "experts", run))
                 submit(i)
                 submit(i)  # two shards in flight per actor: the next one is ready when one finishes
                 continue
-            i, actor, shard = pending.pop(ref)
+            i, actor, shard, name = pending.pop(ref)
             try:
                 out = ray.get(ref)
             except LOST as e:
@@ -362,12 +391,25 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             summary.train_seconds += out["seconds"]
             summary.flops += out["flops"]
             summary.nodes[out["node"]] = summary.nodes.get(out["node"], 0) + n
-            bar.update(n)
+            # recorded here, once the shard is in the store: the counts equal the store's, and outlive the actors
+            where = metrics.tags(name, out["node"], "experts", run)
+            metrics.inc("farm_experts_trained", n, **where)
+            metrics.gauge("farm_experts_per_second", n / max(out["seconds"], 1e-9), keep=True, **where)
+            metrics.observe("farm_shard_seconds", out["seconds"], **where)
+            metrics.inc("farm_busy_seconds", out["seconds"], **where)
+            last_poll = 0.0
+            show_progress()
             if workers[i] is actor:
                 submit(i)
     finally:
         bar.close()
-        for w in workers:
+        for w in [*workers, hub]:
             ray.kill(w)
     summary.seconds = time.perf_counter() - t0
+    metrics.gauge("farm_eta_seconds", 0.0, keep=True, **driver)
+    summary.first_eta_seconds = bar.first_eta_s
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    log("farm: experts per node: " + ", ".join(f"{metrics.short_node(k)} ({ips.get(k, '?')}) {v}" for k, v in summary.nodes.items())
+        + (f"; first ETA after {bar.first_eta_s:.1f}s" if bar.first_eta_s is not None else ""))
     return summary
+

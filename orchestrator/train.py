@@ -1,9 +1,11 @@
 """Launch Ray Train (V2) jobs: DDP over gloo on CPU, safetensors + JSON checkpoints, resume by name.
 
-Driver side: `launch(loop, config, name=..., run_dir=...)` -> `TrainResult`.
+Driver side: `launch(loop, config, name=..., run_dir=...)` -> `TrainResult`; with `progress_total`,
+a bar (or a line every 30 s) on the driver shows the workers' steps, loss and ETA.
 Inside `loop(config)`, on every worker: `rank`, `world_size`, `prepare`, `unwrap`, `shard`,
-`all_mean`, `report`, `restore`. A stage keeps its maths in a pure `train_step` that knows nothing
-of Ray and wraps it in a short loop built from these helpers.
+`all_mean`, `report`, `restore`, and `progress` (step, loss: the driver's bar and the metrics endpoint).
+A stage keeps its maths in a pure `train_step` that knows nothing of Ray and wraps it in a short loop
+built from these helpers.
 
 Resume (Ray Train V2): there is no `Trainer.restore`; constructing the trainer again with the same
 `RunConfig(name, storage_path)` makes the controller load `checkpoint_manager_snapshot.json` from
@@ -13,6 +15,7 @@ The same path serves in-run retries (`FailureConfig(max_failures=...)`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -69,17 +72,30 @@ def launch(
     max_failures: int = 0,
     cpus_per_worker: int = 1,
     start_timeout_s: float = 300.0,
+    stage: str | None = None,
+    progress_total: float | None = None,
+    show_progress: bool = False,
+    log: Callable[[str], None] = print,
 ) -> TrainResult:
     """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume.
 
     A worker group that cannot be placed within `start_timeout_s` (an autoscaler may add nodes meanwhile)
     is one TrainError saying what was asked and what the cluster has; Ray Train alone would retry for ever.
+    `stage` labels the loop's metrics (default: `name`). With `progress_total` (the steps the loop's
+    `progress` calls add up to) the driver shows them: a bar when `show_progress`, else a line every
+    30 s through `log`.
     """
+    from orchestrator import metrics
+    from orchestrator.progress import Progress, Watcher, new_hub
+
     storage = RunDir.of(run_dir).ray_train
     storage.mkdir(parents=True, exist_ok=True)
     os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
+    stage = stage or name
+    run_label = RunDir.of(run_dir).root.name
+    hub = new_hub() if progress_total else None
     trainer = TorchTrainer(
-        train_loop_per_worker=functools.partial(_entry, loop),
+        train_loop_per_worker=functools.partial(_entry, loop, {"hub": hub, "stage": stage, "run": run_label}),
         train_loop_config=dict(config),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
@@ -91,8 +107,15 @@ def launch(
         ),
     )
     t0 = time.perf_counter()
+    watch = contextlib.nullcontext()
+    if hub is not None:
+        driver = metrics.tags("driver", metrics.this_node(), stage, run_label)
+        bar = Progress(progress_total, stage, "step", show_progress, log,
+                       on_eta=lambda eta: metrics.gauge("train_eta_seconds", eta, keep=True, **driver))
+        watch = Watcher(hub, bar, describe=_describe)
     try:
-        result = trainer.fit()
+        with watch:
+            result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         if "worker group startup timed out" in str(e):
             cpus = ray.cluster_resources().get("CPU", 0)
@@ -106,6 +129,10 @@ def launch(
             f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage / name}; "
             "launch again with the same name and run_dir to resume from the latest one."
         ) from e
+    finally:
+        if hub is not None:
+            ray.kill(hub)
+            metrics.gauge("train_eta_seconds", 0.0, keep=True, **driver)
     wall = time.perf_counter() - t0
 
     ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
@@ -127,15 +154,56 @@ def read_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict
 
 # ----------------------------------------------------------------------------- worker side
 
+def _describe(units: dict) -> str:
+    """The bar's postfix: the model most recently reported, its step and loss."""
+    if not units:
+        return ""
+    key, (done, _total, info) = max(units.items(), key=lambda kv: kv[1][2].get("t", 0.0))
+    loss = info.get("loss")
+    return f"{key} step {info.get('step', done):.0f}" + (f" loss {loss:.4g}" if isinstance(loss, (int, float)) else "")
+
+
 # Rank 0's reports in this worker process; returned to the driver as the run's metric history.
 _history: list[dict] = []
+_progress: dict = {}  # this worker's progress hub, labels and last report per model (see `progress`)
 
 
-def _entry(loop: Callable[[dict], None], config: dict) -> list[dict] | None:
+def _entry(loop: Callable[[dict], None], where: dict, config: dict) -> list[dict] | None:
     """The real train_loop_per_worker: run the user's loop, hand rank 0's history back to the driver."""
+    from orchestrator.progress import Reporter
+
     _history.clear()
+    _progress.clear()
+    _progress.update(where, report=Reporter(where.get("hub")), last={})
     loop(config)
     return list(_history) if rank() == 0 else None
+
+
+def progress(model: str, step: float, total: float, loss: float | None = None) -> None:
+    """Where this worker is in one model: `step` of `total` optimiser steps. Shown on the driver's bar (when
+    the launch asked for one) and exported as the `train_step`, `train_loss`, `train_steps_per_second`
+    metrics (orchestrator.metrics), at most every half second per model. Call it from any rank."""
+    if not _progress:
+        return
+    now = time.monotonic()
+    last = _progress["last"].get(model)
+    if last is not None and step < total and now - last[0] < 0.5:
+        return
+    from orchestrator import metrics
+
+    ctx = ray.get_runtime_context()
+    actor = f"{_progress['stage']}-worker-{rank()}"
+    labels = metrics.tags(actor, ctx.get_node_id(), _progress["stage"], _progress["run"], model=model)
+    metrics.gauge("train_step", step, **labels)
+    if loss is not None:
+        metrics.gauge("train_loss", float(loss), **labels)
+    if last is not None and now > last[0] and step >= last[1]:
+        metrics.gauge("train_steps_per_second", (step - last[1]) / (now - last[0]), **labels)
+    _progress["last"][model] = (now, step)
+    info = {"step": step, "t": time.time()}
+    if loss is not None:
+        info["loss"] = float(loss)
+    _progress["report"](model, step, total, info)
 
 
 def rank() -> int:
@@ -231,5 +299,5 @@ def restore() -> tuple[dict[str, torch.Tensor] | None, int | None]:
 
 __all__ = [
     "TrainError", "TrainResult", "launch", "read_checkpoint",
-    "rank", "world_size", "prepare", "unwrap", "shard", "all_mean", "report", "restore",
+    "rank", "world_size", "prepare", "unwrap", "shard", "all_mean", "report", "restore", "progress",
 ]

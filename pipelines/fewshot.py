@@ -151,6 +151,12 @@ def assign(units: list[tuple], costs: list[float], workers: int) -> list[list[tu
     return out
 
 
+def unit_name(unit: tuple) -> str:
+    """A unit's name on the progress bar and in the training metrics: split/method/seed[/K]."""
+    split, method, seed, ks = unit
+    return f"{split}/{method}/s{seed}" + ("" if len(ks) != 1 else f"/k{ks[0]}")
+
+
 def gather(obj) -> list:
     """Every worker's `obj`, in rank order, on every worker ([obj] with one worker)."""
     import torch.distributed as dist
@@ -183,6 +189,10 @@ def fewshot_loop(config: dict) -> None:
     units = [(sp, m, s, shots) for sp in cfg.splits for m in cfg.methods for s in cfg.seeds] if cfg.mixed_shots else \
         [(sp, m, s, [k]) for sp in cfg.splits for m in cfg.methods for s in cfg.seeds for k in shots]
     todo = [u for u in units if not all(f"acc.{u[0]}.{u[1]}.s{u[2]}.k{k}" in restored for k in u[3])]
+    if train.rank() == 0:  # units finished in an earlier launch count as done on the driver's bar
+        for u in units:
+            if u not in todo:
+                train.progress(unit_name(u), cfg.settings(u[1]).train_steps, cfg.settings(u[1]).train_steps)
     if not todo:
         return
     costs = [STEP_COST[m] * cfg.settings(m).train_steps * cfg.settings(m).tasks_per_batch for _, m, _, _ in todo]
@@ -206,6 +216,7 @@ def fewshot_loop(config: dict) -> None:
             T.set_progress(model, step, steps, s)
             k = ks[step % len(ks)]  # mixed shots: K alternates from step to step
             loss = T.train_step(model, opt, train_pool.batch(s.tasks_per_batch, k, cfg.queries, rng, img))
+            train.progress(unit_name((split, method, seed, ks)), step + 1, steps, loss=loss)
             if step % 100 == 0 or step == steps - 1:
                 log.append({"kind": "train", "split": split, "method": method, "seed": seed, "shots": k, "step": step, "loss": loss})
         T.set_progress(model, steps, steps, s)  # evaluate the finished schedule (HyperMAML: β = 1)
@@ -275,7 +286,10 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     name = f"fewshot-{config_hash(cfg, inputs)}"  # a changed config never resumes another's results
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "
             f"on {cfg.num_workers} workers -> Ray Train run {name}")
-    res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers)
+    n_units = len(cfg.splits) * len(cfg.seeds) * (1 if cfg.mixed_shots else len(cfg.shots))
+    total_steps = n_units * sum(cfg.settings(m).train_steps for m in cfg.methods)
+    res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers,
+                       stage="fewshot", progress_total=total_steps, show_progress=ctx.progress, log=ctx.log)
     rows, timings = [], {"launch": res.wall_s}
     for split in cfg.splits:
         label = split_label(feats, split)

@@ -60,7 +60,8 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "repeatable; wins over --config and the preset; an unknown field fails before any work starts")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration of every stage of this command as YAML and exit")
-    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default $RAY_ADDRESS, else the one `ray start` runs on this machine, "
+                   "else a private Ray on 127.0.0.1; `local` forces a private one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     p.add_argument("--wait", action="store_true",
                    help="when another invocation holds the run directory, wait for it instead of stopping")

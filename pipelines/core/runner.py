@@ -151,6 +151,9 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     # are created and updated by this process alone (a second invocation is refused or waits).
     lock = RunLock(run.root, command, wait=args.wait, log=ctx.log).acquire()
     t_start = time.perf_counter()
+    from orchestrator import logs
+
+    logs.setup(run)  # everything to <run_dir>/logs/; the console keeps the pipeline's lines and warnings
     try:
         record_invocation(run, cfgs, command)
         from orchestrator.tracking import MlflowTracker
@@ -161,9 +164,10 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
         if any(mods[s].NEEDS_RAY for s in stages):
             from orchestrator.cluster import connect
 
-            ctx.ray = connect(args.address)
+            ctx.ray = connect(args.address, log_dir=run.logs)
             ctx.timings["ray_start_s"] = ctx.ray.start_seconds
-            ctx.log(f"Ray: {ctx.ray.address} with {ctx.ray.cpus:g} CPUs; dashboard {ctx.ray.dashboard_url or 'not running'}")
+            for line in ctx.ray.describe():  # which Ray (private, or a cluster joined), its size, its dashboard
+                ctx.log(line)
         with ctx.tracker.pipeline(prog, tags={"preset": args.preset, "stages": ",".join(stages)}) as parent:
             ctx.log(f"MLflow run: {parent}")
             for s in stages:

@@ -52,17 +52,28 @@ def _loop(config: dict) -> None:
     ddp = cfg.ddp or rt.world_size() == 1
     combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
     data = {}
+    total = config.get("model_steps") or 0  # optimiser steps of one model, all its parts (0: unknown)
     for split, seed in combos:
         if split not in data:
             data = {split: load_split(run, split)}  # one split in memory at a time
         tag = {"split": split, "seed": seed}
         metrics: dict = {}
+        unit = f"{split}-seed{seed}"
+        part = {"keys": None, "done": 0, "last": 0}  # the model part (prefix) being trained, and the steps before it
 
-        def log(step: int, m: dict, tag=tag, metrics=metrics) -> None:
+        def log(step: int, m: dict, tag=tag, metrics=metrics, unit=unit, part=part) -> None:
             now = {k: (rt.all_mean(v) if ddp else float(torch.as_tensor(v).detach())) for k, v in m.items()}
             metrics.update(now)  # the latest value of every metric goes into the model's summary
             if ddp:  # report() is collective; without DDP workers run different models at different times
                 rt.report({"step": step, **tag, **now})
+            if set(m) != part["keys"] or step < part["last"]:  # the next part of the model (e.g. HNet, then HVAE)
+                part["done"] += part["last"]
+                part["keys"] = set(m)
+            part["last"] = step
+            if rt.rank() == 0 or not ddp:
+                loss = next((v for k, v in now.items() if k.endswith("loss")), None)
+                done = part["done"] + step
+                rt.progress(unit, min(done, total - 1) if total else done, total or done, loss=loss)
 
         hooks = Hooks(wrap=rt.prepare if ddp else (lambda m: m), part=rt.shard if ddp else (lambda n: slice(0, n)),
                       log=log, log_every=config["log_every"])
@@ -75,6 +86,8 @@ def _loop(config: dict) -> None:
             save_model(run.model(config["kind"], split, seed), state, sidecar)
         if ddp:  # a Ray Train checkpoint per model, with its config
             rt.report({"step": 0, **summary}, state=state, config=sidecar)
+        if (rt.rank() == 0 or not ddp) and total:
+            rt.progress(unit, total, total)  # the model is saved: all its steps count
 
 
 def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
@@ -95,11 +108,16 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
         threads = max(1, cpus // workers)
         how = "sharing each model (DDP)" if cfg.ddp else "each training its own models"
         ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
+        steps = model_steps(kind, cfg)
         result = launch(
             _loop,
             {"train_one": train_one, "kind": kind, "cfg": cfg, "run": run.to_dict(),
-             "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction},
+             "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction,
+             "model_steps": steps},
             name=kind, run_dir=run, num_workers=workers, cpus_per_worker=threads,
+            # the progress display belongs to a pipeline's driver (ctx.ray set), not to a sweep trial's worker
+            stage=kind, progress_total=(steps * len(todo) or None) if ctx.ray is not None else None,
+            show_progress=ctx.progress, log=ctx.log,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
     out = {}
@@ -107,6 +125,24 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
         side = run.model(kind, split, seed).with_suffix(".json")
         out[f"{split}-seed{seed}"] = json.loads(side.read_text())["metrics"]
     return out
+
+
+ROUTES = 2  # HyperCLIP and HyperLDM train one model per route: HNet and HVAE
+
+
+def model_steps(kind: str, cfg) -> int:
+    """Optimiser steps of one (split, seed) model of `kind`, all its parts: the unit of the stage's progress bar
+    (0 when unknown: the bar then counts steps without an ETA)."""
+    parts = {
+        "generators": lambda c: c.hnet_steps + c.hvae_steps,
+        "hyperclip": lambda c: ROUTES * c.steps,
+        "hyperldm": lambda c: ROUTES * c.steps,
+        "baselines": lambda c: 2 * c.steps + c.maml_steps,  # multitask, text-conditioned HNet, MAML
+    }
+    try:
+        return int(parts[kind](cfg))
+    except (KeyError, AttributeError, TypeError):
+        return 0
 
 
 def stage_metrics(summaries: dict) -> dict[str, float]:

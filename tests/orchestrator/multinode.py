@@ -11,6 +11,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -83,3 +84,109 @@ def assert_store_matches(store, expected: dict[tuple[str, int], np.ndarray]) -> 
     assert sorted(keys) == sorted(expected), "experts missing or extra"
     for k, w in zip(keys, got.w.numpy()):
         assert np.array_equal(w, expected[k]), f"expert {k} differs from the uninterrupted run"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    import sys
+
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def _processes_under(marker: str) -> list[int]:
+    """Pids whose command line mentions `marker` (a private temp dir), and all their descendants."""
+    kids: dict[int, list[int]] = {}
+    found = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
+            ppid = int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        kids.setdefault(ppid, []).append(int(p))
+        if marker in cmd:
+            found.append(int(p))
+    out, todo = [], list(found)
+    while todo:
+        pid = todo.pop()
+        if pid not in out:
+            out.append(pid)
+            todo += kids.get(pid, [])
+    return out
+
+
+def stop_processes_under(marker: str, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL, the processes a test started with `marker` (its private temp dir) in their
+    command line: never `ray stop`, which would stop every Ray on the machine."""
+    import signal
+    import time
+
+    pids = _processes_under(marker)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
+            time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def alive_nodes(address: str, env: dict) -> int:
+    """How many nodes `ray status` lists as active for the cluster at `address` (0 if it does not answer)."""
+    import re
+    import subprocess
+
+    r = subprocess.run([_ray_cli(), "status", "--address", address], env=env, capture_output=True, text=True, timeout=120,
+                       check=False)
+    if r.returncode != 0 or "Active:" not in r.stdout:
+        return 0
+    active = r.stdout.split("Active:", 1)[1].split("Pending:", 1)[0]
+    return len(re.findall(r"\bnode_[0-9a-f]+", active))
+
+
+@contextlib.contextmanager
+def ray_start_cluster(workers: int = 1, cpus: int = 1) -> Iterator[tuple[str, dict]]:
+    """A cluster started the way a user starts one, `ray start --head` plus `ray start --address` per extra
+    node, all in a private temp dir (RAY_TMPDIR) that no other test or engineer's Ray shares. Yields
+    (head address, the environment a shell on this machine would have: RAY_TMPDIR pointing there)."""
+    import subprocess
+    import time
+
+    tmp = tempfile.mkdtemp(prefix="rwj-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    env.update(RAY_TMPDIR=tmp)
+    cli_env = {**env, "RAY_AUTH_MODE": "token"}  # docs/cluster.md: ray start needs it explicitly
+    port = free_port()
+    try:
+        subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                        "--disable-usage-stats"], env=cli_env, check=True, capture_output=True, timeout=300)
+        address = Path(tmp, "ray", "ray_current_cluster").read_text().strip()
+        for _ in range(workers):
+            subprocess.run([_ray_cli(), "start", f"--address={address}", f"--num-cpus={cpus}", "--disable-usage-stats"],
+                           env=cli_env, check=True, capture_output=True, timeout=300)
+        deadline = time.time() + 120
+        while alive_nodes(address, cli_env) < workers + 1:
+            assert time.time() < deadline, "the ray start nodes did not all register"
+            time.sleep(2)
+        yield address, env
+    finally:
+        stop_processes_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
