@@ -181,7 +181,8 @@ def _private_root() -> str:
 #    driver gRPC servers and the metrics agent bind to 127.0.0.1 (as Ray does on macOS); measured on 2.60
 #  - the autoscaler's and dashboard's metrics ports are fixed in Ray (44217, 44227): another Ray on the
 #    machine may hold them, and Prometheus would then scrape that Ray's numbers; free ports instead
-#  - RAY_AUTH_MODE=token: token authentication, as ray.init's default, without its warning
+#  - RAY_AUTH_MODE=token: token authentication, as ray.init's default, without its warning (left on
+#    afterwards, as ray.init leaves it)
 
 
 def _start_private(num_cpus: int | None, namespace: str, log_dir: Path | None) -> RayInfo:
@@ -195,12 +196,14 @@ def _start_private(num_cpus: int | None, namespace: str, log_dir: Path | None) -
         "AUTOSCALER_METRIC_PORT": str(_free_port()),
         "DASHBOARD_METRIC_PORT": str(_free_port()),
     }
-    if "RAY_AUTH_MODE" not in os.environ:
-        env["RAY_AUTH_MODE"] = "token"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; this process is already past it
-    _reload_ray_config()  # so this process's clients send the token too
+    if "RAY_AUTH_MODE" not in os.environ:
+        # as ray.init does for a cluster it starts, and for good: this process's gRPC servers keep the mode
+        # they started with (measured: turning it off again broke the next, tokenless cluster's actors)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _reload_ray_config()
     try:
         ctx = ray.init(
             num_cpus=num_cpus,
@@ -230,7 +233,6 @@ def _restore(saved: dict) -> None:
         else:
             os.environ[k] = v
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1") not in ("0", "false", "False")
-    _reload_ray_config()
 
 
 def _reload_ray_config() -> None:
