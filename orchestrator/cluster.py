@@ -135,6 +135,24 @@ def _raylet_temp_dirs(gcs_address: str) -> list[Path]:
     return out
 
 
+def cluster_auth_mode(gcs_address: str) -> str | None:
+    """RAY_AUTH_MODE of the cluster at `gcs_address` as its raylets on this machine run it ('token' or
+    'disabled'; Ray takes the mode from that variable only), None when none of them can be read."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if not cmd or not os.path.basename(cmd[0]).startswith("raylet"):
+            continue
+        if f"--gcs-address={gcs_address}" not in " ".join(cmd).split():
+            continue
+        try:
+            return (proc.environ().get("RAY_AUTH_MODE") or "disabled").lower()
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            continue
+    return None
+
+
 def is_private(gcs_address: str, temp_dir: Path | None = None) -> bool:
     """Whether the cluster at `gcs_address` is some pipeline's private Ray (its temp dir holds the marker)."""
     dirs = _raylet_temp_dirs(gcs_address) + ([temp_dir] if temp_dir else [])
@@ -183,7 +201,8 @@ def _private_root() -> str:
 #    driver gRPC servers and the metrics agent bind to 127.0.0.1 (as Ray does on macOS); measured on 2.60
 #  - the autoscaler's and dashboard's metrics ports are fixed in Ray (44217, 44227): another Ray on the
 #    machine may hold them, and Prometheus would then scrape that Ray's numbers; free ports instead
-#  - RAY_AUTH_MODE=token: token authentication, as ray.init's default, without its warning
+#  - RAY_AUTH_MODE=token: token authentication, as ray.init's default, without its warning (left on
+#    afterwards, as ray.init leaves it)
 
 
 def _start_private(num_cpus: int | None, namespace: str, log_dir: Path | None) -> RayInfo:
@@ -197,12 +216,14 @@ def _start_private(num_cpus: int | None, namespace: str, log_dir: Path | None) -
         "AUTOSCALER_METRIC_PORT": str(_free_port()),
         "DASHBOARD_METRIC_PORT": str(_free_port()),
     }
-    if "RAY_AUTH_MODE" not in os.environ:
-        env["RAY_AUTH_MODE"] = "token"
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # read at import; this process is already past it
-    _reload_ray_config()  # so this process's clients send the token too
+    if "RAY_AUTH_MODE" not in os.environ:
+        # as ray.init does for a cluster it starts, and for good: this process's gRPC servers keep the mode
+        # they started with (measured: turning it off again broke the next, tokenless cluster's actors)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        _reload_ray_config()
     try:
         ctx = ray.init(
             num_cpus=num_cpus,
@@ -232,7 +253,6 @@ def _restore(saved: dict) -> None:
         else:
             os.environ[k] = v
     ray._private.ray_constants.ENABLE_RAY_CLUSTER = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "1") not in ("0", "false", "False")
-    _reload_ray_config()
 
 
 def _reload_ray_config() -> None:
@@ -242,15 +262,22 @@ def _reload_ray_config() -> None:
     Config.initialize("")
 
 
-def _use_token_if_available() -> None:
-    """Send the token when there is one, as ray.init does for a cluster it finds itself (it does not for
-    an explicit address): a `ray start` head that found ~/.ray/auth_token requires it."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    from ray._raylet import AuthenticationTokenLoader
+def _match_auth(address: str) -> None:
+    """Use the token exactly when the cluster found on this machine does (its raylets' RAY_AUTH_MODE).
 
-    if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
-        os.environ["RAY_AUTH_MODE"] = "token"
+    Ray's own rule for a cluster it finds, "send the token whenever ~/.ray/auth_token exists", breaks on a
+    cluster started without tokens: measured on 2.60, every actor of the run was 'cancelled before it
+    started' (the driver's gRPC server then wants a token the cluster's workers never send). When the
+    mode cannot be read, Ray's rule applies."""
+    mode = cluster_auth_mode(address)
+    if mode is None:
+        if "RAY_AUTH_MODE" in os.environ:
+            return
+        from ray._raylet import AuthenticationTokenLoader
+
+        mode = "token" if AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True) else None
+    if mode is not None and os.environ.get("RAY_AUTH_MODE", "disabled").lower() != mode:
+        os.environ["RAY_AUTH_MODE"] = mode
         _reload_ray_config()
 
 
@@ -301,7 +328,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, namespace: 
         if address:
             check_reachable(address)
             if how == "found":
-                _use_token_if_available()
+                _match_auth(address)
             ctx = ray.init(address=address, namespace=namespace, logging_level=logging.WARNING)
             info = _info(ctx, how, False)
         else:

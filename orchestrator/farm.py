@@ -329,18 +329,21 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
 
     bar = Progress(sum(len(s.members) for s in todo), "expert farm", "expert", progress, log,
                    on_eta=lambda eta: metrics.gauge("farm_eta_seconds", eta, keep=True, **driver))
-    last_poll = 0.0
+    poll: dict = {"ref": None, "at": 0.0, "steps": {}}  # the hub's answer in flight, when asked, the latest answer
 
     def show_progress() -> None:
-        """Finished experts plus the in-flight shards' share of their steps (as the actors report them)."""
-        nonlocal last_poll
-        if time.monotonic() - last_poll < POLL_S:
-            return
-        last_poll = time.monotonic()
-        try:
-            steps = ray.get(hub.snapshot.remote(), timeout=10)
-        except (ray.exceptions.GetTimeoutError, *LOST):
-            return
+        """Finished experts plus the in-flight shards' share of their steps (as the actors last reported them).
+        The hub is asked at most every POLL_S and never waited for: the farm loop must not stall on it."""
+        if poll["ref"] is not None and ray.wait([poll["ref"]], timeout=0)[0]:
+            try:
+                poll["steps"] = ray.get(poll["ref"])
+            except LOST:
+                pass
+            poll["ref"] = None
+        if poll["ref"] is None and time.monotonic() - poll["at"] >= POLL_S:
+            in_flight = [sh.shard_id for _, _, sh, _ in pending.values()]
+            poll["ref"], poll["at"] = hub.snapshot.remote(in_flight), time.monotonic()
+        steps = poll["steps"]
         partial = sum(len(sh.members) * steps[sh.shard_id][0] / max(steps[sh.shard_id][1], 1)
                       for _, _, sh, _ in pending.values() if sh.shard_id in steps)
         bar.update_to(summary.experts_trained + partial)
@@ -397,7 +400,6 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             metrics.gauge("farm_experts_per_second", n / max(out["seconds"], 1e-9), keep=True, **where)
             metrics.observe("farm_shard_seconds", out["seconds"], **where)
             metrics.inc("farm_busy_seconds", out["seconds"], **where)
-            last_poll = 0.0
             show_progress()
             if workers[i] is actor:
                 submit(i)

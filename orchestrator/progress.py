@@ -31,8 +31,9 @@ class ProgressHub:
     def update(self, key: str, done: float, total: float, info: dict | None = None) -> None:
         self.units[key] = (done, total, info or {})
 
-    def snapshot(self) -> dict:
-        return self.units
+    def snapshot(self, keys: list[str] | None = None) -> dict:
+        """Every unit's latest report, or only those of `keys`."""
+        return self.units if keys is None else {k: self.units[k] for k in keys if k in self.units}
 
 
 def new_hub():

@@ -163,17 +163,18 @@ def alive_nodes(address: str, env: dict) -> int:
 
 
 @contextlib.contextmanager
-def ray_start_cluster(workers: int = 1, cpus: int = 1) -> Iterator[tuple[str, dict]]:
+def ray_start_cluster(workers: int = 1, cpus: int = 1, auth: str = "token") -> Iterator[tuple[str, dict]]:
     """A cluster started the way a user starts one, `ray start --head` plus `ray start --address` per extra
-    node, all in a private temp dir (RAY_TMPDIR) that no other test or engineer's Ray shares. Yields
-    (head address, the environment a shell on this machine would have: RAY_TMPDIR pointing there)."""
+    node, all in a private temp dir (RAY_TMPDIR) that no other test or engineer's Ray shares, with
+    RAY_AUTH_MODE=`auth`. Yields (head address, the environment a shell on this machine would have:
+    RAY_TMPDIR pointing there, no RAY_ADDRESS, no RAY_AUTH_MODE)."""
     import subprocess
     import time
 
     tmp = tempfile.mkdtemp(prefix="rwj-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
     env.update(RAY_TMPDIR=tmp)
-    cli_env = {**env, "RAY_AUTH_MODE": "token"}  # docs/cluster.md: ray start needs it explicitly
+    cli_env = {**env, "RAY_AUTH_MODE": auth}  # docs/cluster.md: ray start needs it explicitly
     port = free_port()
     try:
         subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
