@@ -177,8 +177,9 @@ def ray_start_cluster(workers: int = 1, cpus: int = 1, auth: str = "token") -> I
     cli_env = {**env, "RAY_AUTH_MODE": auth}  # docs/cluster.md: ray start needs it explicitly
     port = free_port()
     try:
-        subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
-                        "--disable-usage-stats"], env=cli_env, check=True, capture_output=True, timeout=300)
+        head = subprocess.run([_ray_cli(), "start", "--head", f"--port={port}", f"--num-cpus={cpus}", "--include-dashboard=false",
+                               "--disable-usage-stats"], env=cli_env, capture_output=True, text=True, timeout=300)
+        assert head.returncode == 0, f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-3000:]}"
         address = Path(tmp, "ray", "ray_current_cluster").read_text().strip()
         for _ in range(workers):
             subprocess.run([_ray_cli(), "start", f"--address={address}", f"--num-cpus={cpus}", "--disable-usage-stats"],
