@@ -25,13 +25,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from models.errors import UserError
+
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "configs" / "grafana" / "weightgen.json"
 INSTALL_HINT = ("Prometheus is not installed: install Debian's package (`sudo apt-get update && sudo apt-get install "
                 "prometheus`), or put a `prometheus` binary (https://prometheus.io/download) on PATH")
 
 
-class MonitorError(RuntimeError):
+class MonitorError(UserError):
     """The monitor cannot start; the message says what to do."""
 
 
