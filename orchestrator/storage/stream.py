@@ -21,18 +21,26 @@ def committed_files(store: WeightStore) -> list[str]:
     return [str((store.root / f"{s}.parquet").resolve()) for s in shards]
 
 
+IN_FLIGHT_BYTES = 256 * 2**20  # blocks read ahead of the consumer: bounds its memory whatever the store's size
+
+
 def store_dataset(store: WeightStore, columns: tuple[str, ...] = ("task_id", "seed", "w"), final_only: bool = True,
-                  shuffle_files: bool = False) -> ray.data.Dataset:
+                  shuffle_files: bool = False, in_flight_bytes: int = IN_FLIGHT_BYTES) -> ray.data.Dataset:
     """A lazy dataset of the store's rows (`columns`), final checkpoints only by default.
 
     `shuffle_files` reads the shards in a random order each epoch (with a local shuffle buffer in the
-    consumer, the usual Ray Data substitute for a global shuffle that would need the whole store)."""
+    consumer, the usual Ray Data substitute for a global shuffle that would need the whole store).
+    `in_flight_bytes` caps the object-store bytes read ahead (by default Ray Data may fill a share of the
+    whole object store, and a consumer maps every block it reads: its memory then grows with the store)."""
     from ray.data.expressions import col
 
     ds = ray.data.read_parquet(committed_files(store), shuffle="files" if shuffle_files else None)
     if final_only:
         ds = ds.filter(expr=col("final") == True)  # noqa: E712 - an expression, pushed down into the Parquet read
-    return ds.select_columns(list(columns))  # pushed down too: unread columns are never decoded
+    ds = ds.select_columns(list(columns))  # pushed down too: unread columns are never decoded
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight_bytes)
+    return ds
 
 
 def weights_of(batch: dict) -> torch.Tensor:
