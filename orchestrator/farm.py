@@ -1,14 +1,16 @@
 """The expert farm: a few named Ray actors, each training whole shards of experts at once.
 
 `train_shard` is plain torch (no Ray) so tests and benchmarks call it directly; `FarmWorker` is the
-thin actor around it; `run_farm` is the driver: it plans shards, skips the ones the store already
-holds intact, feeds the actors, writes each finished shard atomically and shows progress.
+thin actor around it, which writes each shard it trains straight to the store; `run_farm` is the driver:
+it plans shards, skips the ones the store already holds intact, feeds the actors, commits each finished
+shard to the manifest and shows progress. Weights never pass through the driver.
 """
 from __future__ import annotations
 
 
 import hashlib
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,11 +155,13 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None, on_ste
 @ray.remote
 class FarmWorker:
     """A named farm actor: holds the suite's features once and trains whole shards on request, telling the
-    driver's progress hub its step within the shard (orchestrator.progress)."""
+    driver's progress hub its step within the shard (orchestrator.progress). It writes each shard's file to
+    the store itself and returns only small metadata; the driver commits it."""
 
-    def __init__(self, data: SuiteFeatures, cfg, threads: int, hub=None):
+    def __init__(self, data: SuiteFeatures, cfg, threads: int, store_root: str, chash: str, hub=None):
         torch.set_num_threads(threads)
         self.data, self.cfg = data, cfg
+        self.store, self.chash = WeightStore(Path(store_root)), chash
         self.tensors = feature_tensors(data)
         self.report = Reporter(hub)
 
@@ -169,8 +173,10 @@ class FarmWorker:
         steps = self.cfg.steps
         out = train_shard(self.data, shard, self.cfg, self.tensors,
                           on_step=lambda step: self.report(shard.shard_id, step, steps))
-        out["node"] = ray.get_runtime_context().get_node_id()  # so the driver can say which nodes did the work
-        return out
+        meta = pd.DataFrame(out["meta"]).assign(config_hash=self.chash)
+        written = self.store.write_shard_file(shard.shard_id, meta, out["w"])
+        return dict(shard_id=shard.shard_id, written=written, experts=len(shard.members), seconds=out["seconds"],
+                    flops=out["flops"], node=ray.get_runtime_context().get_node_id())  # node: who did the work
 
 
 @dataclass
@@ -187,6 +193,7 @@ class FarmSummary:
     nodes: dict[str, int] = field(default_factory=dict)  # Ray node id -> experts trained there
     tasks_skipped: int = 0  # tasks left out: no support or no query examples (listed in the store's manifest)
     first_eta_seconds: float | None = None  # from the farm's start to the first progress update with an ETA
+    result_bytes: int = 0  # what the actors' results weighed in the driver (metadata only: weights stay in the store)
 
     @property
     def gflops(self) -> float:
@@ -226,7 +233,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
 
     Faults: a shard whose actor (or node) dies goes back to the queue for any live actor; the dead
     actor is replaced, and the replacement gets work only once it is running, so a node that never
-    comes back cannot strand a shard. Only the driver writes the store, one whole shard at a time.
+    comes back cannot strand a shard. Actors write shard files; only the driver commits them to the manifest.
     Waits are bounded: an actor not placed within `placement_timeout` seconds is dropped (the others
     go on), and when none can be placed the farm stops with what it asked for and what the cluster has.
     """
@@ -282,7 +289,8 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
     def new_worker(i: int):
         # No Ray-side restarts: the driver replaces a dead actor itself and resubmits its shards.
         names[i] = f"farm-worker-{i}" + (f"-r{generation[i]}" if generation[i] else "")
-        return FarmWorker.options(name=names[i], num_cpus=cfg.cpus_per_actor).remote(data_ref, cfg, cfg.cpus_per_actor, hub)
+        return FarmWorker.options(name=names[i], num_cpus=cfg.cpus_per_actor).remote(
+            data_ref, cfg, cfg.cpus_per_actor, str(Path(store.root).resolve()), chash, hub)
 
     workers = [new_worker(i) for i in range(n_actors)]
     queue = list(reversed(todo))
@@ -387,8 +395,9 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
                     if workers[i] is actor:
                         submit(i)
                 continue
-            store.write_shard(out["shard_id"], pd.DataFrame(out["meta"]).assign(config_hash=chash), out["w"], {"seconds": out["seconds"]})
-            n = len({(m["task_id"], m["seed"]) for m in out["meta"]})
+            store.commit_shard(out["shard_id"], out["written"], {"seconds": out["seconds"]})
+            n = out["experts"]
+            summary.result_bytes += len(pickle.dumps(out))
             summary.experts_trained += n
             summary.shards_trained += 1
             summary.train_seconds += out["seconds"]

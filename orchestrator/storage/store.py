@@ -2,10 +2,11 @@
 
 Layout under `root`: `shard-XXXXX-<hash>.parquet` files (one row per expert and checkpoint step) and
 `manifest.json`, which lists completed shards with their row count and file sha256. Every write is a
-temporary file renamed into place, so a crash leaves either the old state or the new one, and every
-manifest update is a read-modify-write under a file lock, so two writers cannot lose each other's
-shards. A shard is trusted only when its file hash matches the manifest and every row's weight
-checksum matches its weights. All rows share one config hash: a shard of another config is refused
+temporary file renamed into place, so a crash leaves either the old state or the new one. Shard files
+are written by whoever trained them (farm actors); a shard exists once the manifest lists it, and every
+manifest update is a read-modify-write under a file lock, so two writers cannot lose each other's shards.
+A shard is trusted only when its file hash matches the manifest and every row's weight checksum
+matches its weights. All rows share one config hash: a shard of another config is refused
 when written, and a store holding two is reported as damaged when read, never returned mixed. A lost
 manifest is rebuilt from the shard files whose row checksums verify.
 """
@@ -81,17 +82,20 @@ class WeightStore:
         self.root.mkdir(parents=True, exist_ok=True)
         return FileLock(str(self.root / MANIFEST_LOCK))
 
-    def manifest(self) -> dict:
+    def manifest(self, locked: bool = False) -> dict:
         """The manifest (empty when the store is new; rebuilt from the shard files when it was lost).
 
-        A corrupt manifest is an error, not an empty store."""
+        `locked`: the caller holds the manifest lock already. A corrupt manifest is an error, not an empty store."""
         path = self.root / MANIFEST
         if not path.exists():
             if not any(self.root.glob("shard-*.parquet")):
                 return {"shards": {}}
-            with self._lock():
-                if not path.exists():
-                    self._save_manifest(self._rebuilt_manifest())
+            if locked:
+                self._save_manifest(self._rebuilt_manifest())
+            else:
+                with self._lock():
+                    if not path.exists():
+                        self._save_manifest(self._rebuilt_manifest())
         import json
 
         try:
@@ -125,6 +129,17 @@ class WeightStore:
     # -- writing --------------------------------------------------------------------------------
     def write_shard(self, shard_id: str, meta: pd.DataFrame, w: np.ndarray, info: dict) -> Path:
         """Atomically write one shard (metadata rows + weights [n, P]) and record it in the manifest."""
+        self.check_config(shard_id, set(meta["config_hash"]))  # refuse before writing, not only at commit
+        written = self.write_shard_file(shard_id, meta, w)
+        self.commit_shard(shard_id, written, info)
+        return self.root / f"{shard_id}.parquet"
+
+    def write_shard_file(self, shard_id: str, meta: pd.DataFrame, w: np.ndarray) -> dict:
+        """Atomically write one shard's file, without touching the manifest; returns what `commit_shard` needs.
+
+        Farm actors call this where they trained the shard, so weights never travel to the driver. The file
+        name is the shard id and the bytes depend only on the shard's inputs, so a shard written twice (an
+        actor presumed lost that still finished) is replaced by identical bytes: never a duplicate."""
         w = np.ascontiguousarray(w, dtype=np.float32)
         if not np.isfinite(w).all():
             raise StoreError(f"shard {shard_id}: refusing to store non-finite weights (training diverged?)")
@@ -134,24 +149,39 @@ class WeightStore:
         cols["w"] = to_column(w)
         table = pa.Table.from_pydict(cols, schema=schema)
         path = self.root / f"{shard_id}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+            sha = file_sha256(tmp)  # of the bytes being published, before any other writer can replace them
+        return {"rows": len(meta), "file_sha256": sha, "config_hashes": sorted(set(meta["config_hash"]))}
+
+    def check_config(self, shard_id: str, hashes: set[str], manifest: dict | None = None) -> None:
+        """Refuse a shard whose config hash differs from the store's: experts of two configs are never mixed."""
+        manifest = manifest or self.manifest()
+        hashes = set(hashes) | ({manifest["config_hash"]} if manifest.get("config_hash") else set())
+        if len(hashes) > 1:
+            raise StoreError(f"shard {shard_id}: its config hash differs from the store's ({', '.join(sorted(hashes))}); "
+                             "experts of two configs are never mixed: use a new --run-dir or delete the store")
+
+    def commit_shard(self, shard_id: str, written: dict, info: dict) -> None:
+        """Record a shard file written by `write_shard_file` (here or by a farm actor) in the manifest.
+
+        The manifest is the commit: a file not listed is never read, and the farm retrains it."""
         with self._lock():
-            manifest = self.manifest()
-            hashes = set(meta["config_hash"]) | ({manifest["config_hash"]} if manifest.get("config_hash") else set())
-            if len(hashes) > 1:
-                raise StoreError(f"shard {shard_id}: its config hash differs from the store's ({', '.join(sorted(hashes))}); "
-                                 "experts of two configs are never mixed: use a new --run-dir or delete the store")
-            with atomic_path(path) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
-            manifest["shards"][shard_id] = {"rows": len(meta), "file_sha256": file_sha256(path), **info}
-            if hashes:
-                manifest.setdefault("config_hash", hashes.pop())
+            manifest = self.manifest(locked=True)
+            self.check_config(shard_id, set(written["config_hashes"]), manifest)
+            path = self.root / f"{shard_id}.parquet"
+            if not path.exists():
+                raise StoreError(f"shard {shard_id}: its file {path} is missing at commit (written to another file system?); "
+                                 "every farm node must see the run directory")
+            manifest["shards"][shard_id] = {"rows": written["rows"], "file_sha256": written["file_sha256"], **info}
+            if written["config_hashes"]:
+                manifest.setdefault("config_hash", written["config_hashes"][0])
             self._save_manifest(manifest)
-        return path
 
     def set_info(self, **info) -> None:
         """Record store-wide facts (layout id, config hash) in the manifest."""
         with self._lock():
-            manifest = self.manifest()
+            manifest = self.manifest(locked=True)
             if manifest["shards"] and "config_hash" in info and manifest.get("config_hash") not in (None, info["config_hash"]):
                 raise StoreError(f"{self.root} holds experts of config {manifest['config_hash']}, not {info['config_hash']}; "
                                  "use a new --run-dir or delete the store")

@@ -205,3 +205,24 @@ def test_tasks_without_support_or_query_examples_get_no_expert_and_are_recorded(
     assert {no_support, no_query}.isdisjoint(meta["task_id"]) and meta[["support_acc", "query_acc"]].notna().all().all()
     assert store.manifest()["skipped_tasks"] == {no_support: "no support examples", no_query: "no query examples"}
     assert any("2 task(s) left out" in m and no_support in m for m in said), said
+
+
+def test_actors_write_shards_and_an_uncommitted_file_is_retrained_to_the_same_bytes(ray_cluster, run_dir_with_features):
+    """Actors write the shard files and send the driver only metadata (no weights: well under 1 KB per expert).
+    A file an actor wrote but the driver never committed (the driver died between the two) is not trusted:
+    the rerun trains it again and writes the same bytes, with no duplicate rows."""
+    cfg = experts_cfg("shard_size=8")
+    feats, first = farm(run_dir_with_features, cfg)
+    assert 0 < first.result_bytes / first.experts_trained < 1024, first.result_bytes
+    store = WeightStore(run_dir_with_features / "store" / "weights")
+    manifest = store.manifest()
+    victim = sorted(manifest["shards"])[0]
+    entry = manifest["shards"].pop(victim)
+    from orchestrator.storage.atomic import write_json
+
+    write_json(store.root / "manifest.json", manifest)  # the file stays on disk, uncommitted
+    _, again = farm(run_dir_with_features, cfg)
+    assert again.shards_trained == 1 and again.shards_skipped == first.shards_trained - 1
+    assert store.manifest()["shards"][victim]["file_sha256"] == entry["file_sha256"]
+    keys = list(zip(store.read().meta["task_id"], store.read().meta["seed"]))
+    assert len(keys) == len(set(keys)) == len(feats.tasks)

@@ -282,3 +282,27 @@ def test_lost_manifest_is_rebuilt_from_the_shards_that_verify(store):
     pq.write_table(pa.Table.from_pydict({**cols, "w": pa.array(w, type=table.schema.field("w").type)}, schema=table.schema),
                    store.root / "shard-00001-bb.parquet")
     assert store.completed_shards() == ["shard-00000-aa"]
+
+
+def test_shard_file_written_elsewhere_exists_only_once_committed(store):
+    """The farm's split: a worker writes the file, the driver commits it; until then no read sees it."""
+    m, w = make_rows("train", ["t9"], [0], [10], seed=9)
+    written = store.write_shard_file("shard-00002-cc", m, w)
+    assert written == {"rows": 1, "file_sha256": file_sha256(store.root / "shard-00002-cc.parquet"), "config_hashes": ["cfg1"]}
+    assert "t9" not in set(store.read().meta["task_id"]) and store.verify_shard("shard-00002-cc") == "not in manifest"
+    again = store.write_shard_file("shard-00002-cc", m, w)  # a presumed-lost worker finishing too: same bytes
+    assert again == written and not [p for p in store.root.iterdir() if p.name.endswith(".tmp")]
+    store.commit_shard("shard-00002-cc", written, {"seconds": 1.0})
+    meta = store.read().meta
+    assert (meta["task_id"] == "t9").sum() == 1 and store.verify_shard("shard-00002-cc") is None
+
+
+def test_commit_refuses_a_missing_file_or_another_config(store):
+    m, w = make_rows("train", ["t9"], [0], [10], seed=9)
+    before = json.loads((store.root / MANIFEST).read_text())
+    with pytest.raises(StoreError, match="missing at commit"):
+        store.commit_shard("shard-00003-dd", {"rows": 1, "file_sha256": "0" * 64, "config_hashes": ["cfg1"]}, {})
+    written = store.write_shard_file("shard-00002-cc", m.assign(config_hash="cfg2"), w)
+    with pytest.raises(StoreError, match="config hash differs"):
+        store.commit_shard("shard-00002-cc", written, {})
+    assert json.loads((store.root / MANIFEST).read_text()) == before

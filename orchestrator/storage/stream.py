@@ -1,0 +1,95 @@
+"""The weight store as a Ray Data dataset: batches streamed from the committed shards, never the whole store.
+
+A stage that learns from many experts reads `store_dataset(store)` in its Ray Train workers (through
+`ray.train.get_dataset_shard`) one batch at a time, so a worker's memory is a few batches whatever the
+store's size. `LayerMoments` gives the weight normaliser's statistics in one streaming pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+import ray.data
+import torch
+
+from orchestrator.storage.store import StoreError, WeightStore
+
+
+def committed_files(store: WeightStore) -> list[str]:
+    """Paths of the shards the manifest lists: only committed shards are ever read (an uncommitted file may be stale)."""
+    shards = store.completed_shards()
+    if not shards:
+        raise StoreError(f"no weights in {store.root}: run `python -m pipelines.experts` first")
+    return [str((store.root / f"{s}.parquet").resolve()) for s in shards]
+
+
+IN_FLIGHT_BYTES = 256 * 2**20  # blocks read ahead of the consumer: bounds its memory whatever the store's size
+
+
+def store_dataset(store: WeightStore, columns: tuple[str, ...] = ("task_id", "seed", "w"), final_only: bool = True,
+                  shuffle_files: bool = False, in_flight_bytes: int = IN_FLIGHT_BYTES) -> ray.data.Dataset:
+    """A lazy dataset of the store's rows (`columns`), final checkpoints only by default.
+
+    `shuffle_files` reads the shards in a random order each epoch (with a local shuffle buffer in the
+    consumer, the usual Ray Data substitute for a global shuffle that would need the whole store).
+    `in_flight_bytes` caps the object-store bytes read ahead (by default Ray Data may fill a share of the
+    whole object store, and a consumer maps every block it reads: its memory then grows with the store)."""
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(committed_files(store), shuffle="files" if shuffle_files else None)
+    if final_only:
+        ds = ds.filter(expr=col("final") == True)  # noqa: E712 - an expression, pushed down into the Parquet read
+    ds = ds.select_columns(list(columns))  # pushed down too: unread columns are never decoded
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight_bytes)
+    return ds
+
+
+def weights_of(batch: dict) -> torch.Tensor:
+    """w [B, P] float32 from a Ray Data batch (numpy format) of the store's `w` column."""
+    w = batch["w"]
+    if w.dtype == object:  # fixed-size lists may arrive as an array of arrays
+        w = np.stack(w)
+    return torch.as_tensor(np.ascontiguousarray(w, dtype=np.float32))
+
+
+class LayerMoments:
+    """Running per-coordinate mean and sum of squared deviations (Chan et al.'s parallel update, float64),
+    so the normaliser's mean and per-layer std come from one pass over batches, equal to a fit on all rows."""
+
+    def __init__(self, n_weights: int):
+        self.n = 0
+        self.mean = torch.zeros(n_weights, dtype=torch.float64)
+        self.m2 = torch.zeros(n_weights, dtype=torch.float64)
+
+    def update(self, w: torch.Tensor) -> None:
+        """Add a batch w [B, P]."""
+        w = w.double()
+        nb = w.shape[0]
+        if nb == 0:
+            return
+        mb = w.mean(0)
+        m2b = (w - mb).pow(2).sum(0)
+        delta = mb - self.mean
+        total = self.n + nb
+        self.mean += delta * (nb / total)
+        self.m2 += m2b + delta.pow(2) * (self.n * nb / total)
+        self.n = total
+
+    def fit(self, norm):
+        """Set a `WeightNormalizer`'s mean [P] and per-layer std [L] from the moments; returns it."""
+        if self.n == 0:
+            raise StoreError("no experts to fit the weight normaliser on")
+        with torch.no_grad():
+            norm.mean.copy_(self.mean)
+            for i, k in enumerate(norm.names):
+                a, b = norm.layout.offsets[k]
+                # population std over all N x layer coordinates, as WeightNormalizer.fit
+                norm.std[i] = (self.m2[a:b].sum() / (self.n * (b - a))).sqrt().clamp_min(norm.eps)
+        return norm
+
+
+def stream_moments(ds: ray.data.Dataset, n_weights: int, batch_size: int = 256) -> LayerMoments:
+    """One streaming pass over `ds` (a `store_dataset` or a worker's shard of it)."""
+    moments = LayerMoments(n_weights)
+    for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        moments.update(weights_of(batch))
+    return moments
