@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.tasks.is_file():
         raise ConfigError(f"--tasks {args.tasks}: no such file; give a JSONL task file (docs/task_file.md)")
     run = load_run(args.source)
-    out = args.out or default_out(args.source, args.tasks)
+    out = (args.out or default_out(args.source, args.tasks)).resolve()
     check_outside(out, args.source)
     suite = read_task_file(str(args.tasks))
     split = args.split or run.splits[0]
@@ -112,12 +112,12 @@ def main(argv: list[str] | None = None) -> int:
         support_acc=float("nan"), support_loss=float("nan"), query_acc=a, query_loss=float("nan"),
         config_hash=f"zero-shot:{args.method}:{guidance:g}:{split}:{seed}",
     ) for t, (a, _, _) in zip(suite.tasks, scores)])
-    store = WeightStore(Path(out) / "store" / "weights")
+    store = WeightStore(out / "store" / "weights")
     w = torch.stack([n.w for n in nets])  # [n_tasks, P]
     store.write_shard(f"zero-shot-{args.method}", meta, w.numpy(),
                       {"source_run": str(run.dir.root), "method": args.method})
     store.set_info(layout_id=run.layout.id, n_weights=run.layout.size, spec=dataclasses.asdict(run.layout.spec))
-    write_text(Path(out) / "results.csv", table.to_csv(index=False))
+    write_text(out / "results.csv", table.to_csv(index=False))
 
     print("task\taccuracy\tmajority\tdescription")
     fmt = lambda v, n: "n/a" if n == 0 else f"{100 * v:.2f}%"  # noqa: E731
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = lambda col: float(scored[col].mean()) if len(scored) else None  # noqa: E731
     print(json.dumps({"mean_accuracy": mean("accuracy"), "mean_majority_accuracy": mean("majority_accuracy"),
                       "tasks": len(table), "tasks_scored": len(scored), "method": args.method, "guidance": guidance,
-                      "split": split, "seed": seed, "store": str(store.root), "results": str(Path(out) / "results.csv")}))
+                      "split": split, "seed": seed, "store": str(store.root), "results": str(out / "results.csv")}))
     return 0
 
 

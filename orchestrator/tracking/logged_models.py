@@ -7,6 +7,7 @@ answers and returns the task networks' weights.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import mlflow
@@ -36,12 +37,24 @@ def can_log(tracker) -> bool:
 def log_generator(bundle: Path, method: str, split: str, seed: int, guidance: float, n_weights: int) -> str:
     """Log one bundle as a models-from-code pyfunc of the active run; returns its `models:/` URI."""
     import importlib.metadata as md
+    import warnings
 
     reqs = [f"{p}=={md.version(p)}" for p in ("mlflow", "torch", "safetensors", "pandas", "pyarrow")]
-    info = mlflow.pyfunc.log_model(
-        name=f"{method}-{split}-seed{seed}", python_model=str(CODE), artifacts={"run": str(bundle)},
-        model_config={"method": method, "split": split, "seed": seed},
-        signature=signature(guidance, n_weights), pip_requirements=reqs,
-        tags={"method": method, "split": split, "seed": str(seed)},
-    )
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # one bar per model would flood the stage's log
+    try:
+        with warnings.catch_warnings():
+            # MLflow asks for an input example; the signature is given, and an example would load the
+            # encoders at logging time just to check it.
+            warnings.simplefilter("ignore", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name=f"{method}-{split}-seed{seed}", python_model=str(CODE), artifacts={"run": str(bundle)},
+                signature=signature(guidance, n_weights), pip_requirements=reqs,
+                tags={"method": method, "split": split, "seed": str(seed)},
+            )
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     return info.model_uri
