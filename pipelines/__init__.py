@@ -4,7 +4,7 @@
 def __getattr__(name: str):
     # The API loads torch and the models: imported on first use, so `python -m pipelines.X --help` stays fast.
     if name in ("load_run", "Run", "GeneratedNet"):
-        from pipelines import api
+        from pipelines.zeroshot import api
 
         return getattr(api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from orchestrator.storage.atomic import write_text
     from orchestrator.storage.store import WeightStore
-    from pipelines.api import load_run
+    from pipelines.zeroshot.api import load_run
     from pipelines.suites.taskfile import read_task_file
     from pipelines.zeroshot.sampling import SamplingSettings
 

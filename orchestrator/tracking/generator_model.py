@@ -24,7 +24,7 @@ class GeneratorModel(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context):
-        from pipelines.api import load_run
+        from pipelines.zeroshot.api import load_run
 
         root = Path(context.artifacts["run"])
         cfg = json.loads((root / "bundle.json").read_text())

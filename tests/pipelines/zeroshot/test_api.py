@@ -147,7 +147,7 @@ def test_zero_shot_cli_writes_a_new_folder_under_runs_and_prints_majority_accura
 def test_an_encoder_that_differs_from_the_runs_is_a_clear_error(smoke_pipeline):
     from models.encoders import make_image_encoder
     from pipelines import load_run
-    from pipelines.api import RunMismatchError
+    from pipelines.zeroshot.api import RunMismatchError
 
     run_dir = finished(smoke_pipeline)
     info = json.loads((run_dir / "features" / "info.json").read_text())
