@@ -14,7 +14,7 @@ chosen split and seed. Nothing here imports Ray or MLflow.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,10 +36,10 @@ class GeneratedNet:
     description: str
     answers: list[str]
     answer_prompts: list[str]
-    w: torch.Tensor  # [P] flat weights in the layout's order
-    prompts: torch.Tensor  # [A, d_txt] answer-prompt embeddings
-    layout: WeightLayout
-    run: "Run"
+    w: torch.Tensor = field(repr=False)  # [P] flat weights in the layout's order
+    prompts: torch.Tensor = field(repr=False)  # [A, d_txt] answer-prompt embeddings
+    layout: WeightLayout = field(repr=False)
+    run: "Run" = field(repr=False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Named weights (fc1.weight, fc1.bias, fc2.weight, fc2.bias) that load into `models.task_net.TaskNetwork`."""
