@@ -56,12 +56,13 @@ def test_readme_python_api_example_runs(smoke_pipeline):
 
 
 def logged_models(run_dir: Path) -> dict[str, str]:
-    """{logged model name: models:/ URI} in the run's MLflow store."""
+    """{logged model name: models:/ URI} in the run's MLflow store, the latest where a name repeats."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("weightgen")
-    return {m.name: m.model_uri for m in client.search_logged_models([exp.experiment_id])}
+    oldest_first = [{"field_name": "creation_time", "ascending": True}]
+    return {m.name: m.model_uri for m in client.search_logged_models([exp.experiment_id], order_by=oldest_first)}
 
 
 DESCRIPTIONS = {"is the shape red?": ["yes", "no"], "is it a circle or a square?": ["no", "yes"]}
