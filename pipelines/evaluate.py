@@ -3,7 +3,9 @@
     python -m pipelines.evaluate --run-dir runs/default --set guidance_scales=0,1,4 --set sampling.sampler=ddpm
 
 Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accuracy, n_tasks),
-`results/zero_shot.md` (mean ± std over seeds) and `results/zero_shot.png`; the means go to MLflow.
+`results/zero_shot.md` (mean ± std over seeds) and `results/zero_shot.png`; the means go to MLflow,
+and each generative method's trained models, per split and seed, become MLflow logged models
+(`log_models`; README, "Python API").
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import Annotated
 from pydantic import Field
 
 from pipelines.core.cli import RunContext
-from pipelines.core.config import stage_config
+from pipelines.core.config import Runtime, stage_config
 from pipelines.zeroshot.sampling import PAPER_GUIDANCE_GRID, SamplingSettings
 
 
@@ -26,6 +28,8 @@ class EvaluateConfig:
     """HyperLDM classifier-free guidance scales γ, one table row each (the paper's grid)"""
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     """HyperCLIP guidance and HyperLDM sampler settings"""
+    log_models: Annotated[bool, Runtime] = True
+    """log each generative method's trained models, per split and seed, as MLflow models (loadable by models:/ URI)"""
 
 
 CONFIG = EvaluateConfig
@@ -69,18 +73,44 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
     table = pd.DataFrame(rows)
     paths = write_results(table, ctx.run.results, "zero_shot", title="Zero-shot query accuracy on meta-test tasks")
     ctx.log("\n" + paths[1].read_text())
-    return table, paths
+    return table, paths, cfg
 
 
 def track(out, ctx: RunContext):
     """Mean accuracy per (split, method) as MLflow metrics; the CSV, Markdown and chart as artifacts."""
     from pipelines.core.results import method_label
 
-    table, paths = out
+    table, paths, cfg = out
+    if cfg.log_models:
+        log_models(ctx, cfg.sampling.guidance_scale)
     m = {}
     for (split, method, g), grp in table.groupby(["split", "method", table["guidance_scale"].fillna(-1)]):
         m[f"{split}/{method_label(method, None if g < 0 else g)}"] = float(grp["accuracy"].mean())
     return m, paths
+
+
+def log_models(ctx: RunContext, guidance: float) -> None:
+    """Each generative method's models, per split and seed, as an MLflow logged model of this stage's run."""
+    import tempfile
+    from pathlib import Path
+
+    from orchestrator.tracking.logged_models import can_log, log_generator
+    from pipelines.zeroshot.bundle import write_bundle
+    from pipelines.zeroshot.data import read_plan, store_spec
+    from pipelines.zeroshot.methods import GENERATIVE
+    from models.task_net import WeightLayout
+
+    if not can_log(ctx.tracker):
+        return
+    splits, seeds = read_plan(ctx.run)
+    n_weights = WeightLayout(store_spec(ctx.run)).size
+    for split in splits:
+        for seed in seeds:
+            for name in GENERATIVE:
+                with tempfile.TemporaryDirectory() as tmp:
+                    bundle = write_bundle(ctx.run, name, split, seed, Path(tmp) / "run")
+                    uri = log_generator(bundle, name, split, seed, guidance, n_weights)
+                ctx.log(f"evaluate: logged model {uri} ({name}, {split}, seed {seed})")
 
 
 def main() -> int:

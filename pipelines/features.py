@@ -102,13 +102,23 @@ def load_tasks(cfg: FeaturesConfig):
 
 def make_encoders(cfg: FeaturesConfig):
     """The configured (text, image) encoders."""
-    from models.encoders import make_image_encoder, make_text_encoder
+    return make_text_encoder(cfg), make_image_encoder(cfg)
+
+
+def make_text_encoder(cfg: FeaturesConfig):
+    """The configured text encoder (the Python API loads it alone: generating needs no images)."""
+    from models.encoders import make_text_encoder as make
 
     clip = dict(model=cfg.clip_model, pretrained=cfg.clip_pretrained)
-    text = make_text_encoder(cfg.text_encoder, device=cfg.device, **(clip if cfg.text_encoder == "open_clip" else {}))
-    image_opts = clip if cfg.image_encoder == "open_clip" else {"image_size": cfg.image_size}
-    image = make_image_encoder(cfg.image_encoder, device=cfg.device, **image_opts)
-    return text, image
+    return make(cfg.text_encoder, device=cfg.device, **(clip if cfg.text_encoder == "open_clip" else {}))
+
+
+def make_image_encoder(cfg: FeaturesConfig):
+    """The configured image encoder."""
+    from models.encoders import make_image_encoder as make
+
+    opts = dict(model=cfg.clip_model, pretrained=cfg.clip_pretrained) if cfg.image_encoder == "open_clip" else {"image_size": cfg.image_size}
+    return make(cfg.image_encoder, device=cfg.device, **opts)
 
 
 def features_hash(cfg: FeaturesConfig) -> str:
