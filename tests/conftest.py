@@ -57,7 +57,8 @@ def smoke_pipeline(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
 
     Tests that change the run work on a copy (`copy_run`)."""
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress")
+    # ~4 min on an idle 2-core machine; the limit leaves room for a loaded one
+    r = run_cli("pipelines.full", "--preset", "smoke", "--run-dir", str(run_dir), "--no-progress", timeout=1500)
     return run_dir, r
 
 
