@@ -83,6 +83,11 @@ def track(out, ctx: RunContext):
     return m, paths
 
 
+def headline(metrics: dict) -> dict[str, float]:
+    """For the pipeline's parent run: zero-shot accuracy per split and method (`zero_shot/random/hnet_hyperldm_g1`)."""
+    return {f"zero_shot/{k}": v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+
 def main() -> int:
     from pipelines.core.runner import run_stages
 
