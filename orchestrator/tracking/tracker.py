@@ -272,6 +272,11 @@ class MlflowTracker:
 
     def _end(self, ref: str, fluent: bool, status: str) -> None:
         t = now_ms()
+        # stop the run's system-metrics thread first: mlflow.end_run stops it only after a successful send
+        monitor = mlflow.tracking.fluent.run_id_to_system_metrics_monitor.pop(ref, None) if fluent else None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
         if fluent and self.online:
             try:
                 try:

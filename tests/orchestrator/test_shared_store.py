@@ -110,3 +110,27 @@ def test_two_pipelines_log_to_a_new_shared_store_at_once_and_lose_nothing(tmp_pa
             assert len(client.get_metric_history(r.info.run_id, "loss")) == 1500
         assert not (tmp_path / f"run{i}" / "mlflow_pending" / "records.jsonl").exists(), "nothing left buffered"
     print(f"two concurrent writers: {wall:.1f} s")
+
+
+def test_curves_logged_while_the_store_is_unreachable_are_replayed_whole(tmp_path, monkeypatch):
+    from orchestrator.storage.rundir import RunDir
+    from orchestrator.tracking.buffer import PendingLog
+    from tests.pipelines.test_bad_input import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    run_dir = tmp_path / "run"
+    t = MlflowTracker(run_dir, log=lambda m: None)
+    curve = [(i, 1.0 / i) for i in range(1, 2501)]  # more than one log_batch's 1000 metrics
+    with t.pipeline("full", params={f"experts.p{i}": str(i) for i in range(150)}):  # more than one batch's 100 params
+        with t.stage("generators", Cfg()):
+            t.series({"given-seed0/hnet_loss": curve})
+    assert [r["op"] for r in PendingLog(RunDir(run_dir).mlflow_pending).records()].count("series") == 3
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert MlflowTracker(run_dir, log=lambda m: None).flush()  # back: the shared SQLite store beside the run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("weightgen")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    got = client.get_metric_history(runs["generators"].info.run_id, "given-seed0/hnet_loss")
+    assert sorted((m.step, m.value) for m in got) == curve
+    assert len(runs["full"].data.params) == 150
