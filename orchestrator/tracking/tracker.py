@@ -41,7 +41,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from orchestrator.storage.rundir import RunDir  # noqa: E402
 from orchestrator.tracking.buffer import REF_TAG, PendingLog, new_ref, now_ms  # noqa: E402
-from orchestrator.tracking.store import default_uri, retry_locked, store_lock, tracking_uri, use_wal  # noqa: E402
+from orchestrator.tracking.store import default_uri, retry_locked, store_lock, tracking_uri  # noqa: E402
 from orchestrator.tracking.tags import flat_params, tag_values  # noqa: E402
 
 EXPERIMENT = "weightgen"
@@ -114,7 +114,6 @@ class MlflowTracker:
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         with store_lock(self.uri):  # a new SQLite store's tables are created here: by one process at a time
             self.client = MlflowClient(self.uri)
-            use_wal(self.uri)
         self.pending = PendingLog(run.mlflow_pending)
         self.online = True
         self.experiment_id: str | None = None  # None only while the store is unreachable
