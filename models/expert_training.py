@@ -92,7 +92,7 @@ def train_experts(
     checkpoint_every: int = 0,
     sample_fraction: float = 1.0,
     generator: torch.Generator | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, torch.Tensor], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Full-batch Adam on every expert's support loss at once; yields (step, w [E, P]) at checkpoints and the end.
 
@@ -100,8 +100,8 @@ def train_experts(
     are gathered once and stay resident, padded to the shard's largest support set; padding is masked
     out of the loss, so each expert's trajectory is that of training it alone. With
     `sample_fraction` < 1 each step keeps a random subset of every support set (stochastic
-    minibatches without a per-step gather), drawn from `generator`. `on_step(step)`, when given, is
-    called after every step (progress reporting).
+    minibatches without a per-step gather), drawn from `generator`. `on_step(step, losses [E])`, when
+    given, is called after every step with each expert's support loss before it (progress, curves).
     """
     net = skeleton(layout.spec)
     params = {k: v.clone().requires_grad_(True) for k, v in layout.unflatten(w0).items()}
@@ -114,7 +114,7 @@ def train_experts(
         if sample_fraction < 1.0:
             weight = valid * (torch.rand(valid.shape, generator=generator) < sample_fraction)
         with torch.no_grad():
-            grads, _ = step_fn(
+            grads, losses = step_fn(
                 {k: v.detach() for k, v in params.items()},
                 x, batch.support_lab, weight, batch.prompts, batch.answer_mask,
             )
@@ -122,9 +122,34 @@ def train_experts(
             p.grad = grads[k]
         opt.step()
         if on_step is not None:
-            on_step(step)
+            on_step(step, losses)
         if step == steps or (checkpoint_every and step % checkpoint_every == 0):
             yield step, layout.flatten({k: v.detach() for k, v in params.items()}).clone()
+
+
+class LossCurve:
+    """The mean support loss of many experts per step, kept at about `points` steps: the farm's training curve.
+    Shards add their experts' losses; `merge` sums curves of shards trained elsewhere."""
+
+    def __init__(self, steps: int, points: int = 100):
+        self.every = max(1, steps // points)
+        self.sums: dict[int, list[float]] = {}  # step -> [sum of losses, experts]
+
+    def add(self, step: int, losses: torch.Tensor) -> None:
+        if step % self.every == 0 or step == 1:
+            s = self.sums.setdefault(step, [0.0, 0])
+            s[0] += float(losses.sum())
+            s[1] += int(losses.numel())
+
+    def merge(self, sums: dict) -> None:
+        for step, (total, n) in sums.items():
+            s = self.sums.setdefault(int(step), [0.0, 0])
+            s[0] += total
+            s[1] += n
+
+    def points(self) -> list[tuple[int, float]]:
+        """[(step, mean loss over every expert added)], by step."""
+        return [(step, total / n) for step, (total, n) in sorted(self.sums.items()) if n]
 
 
 @torch.no_grad()

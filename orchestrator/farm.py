@@ -21,7 +21,7 @@ import ray
 import torch
 
 from models.errors import UserError
-from models.expert_training import evaluate_experts, step_flops, train_experts
+from models.expert_training import LossCurve, evaluate_experts, step_flops, train_experts
 from models.task_net import TaskNetSpec, WeightLayout, init_weights
 from orchestrator import metrics
 from orchestrator.progress import Progress, Reporter, new_hub
@@ -125,7 +125,7 @@ def feature_tensors(data: SuiteFeatures) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None, on_step=None) -> dict:
     """Train one shard's experts; returns weights [R, P] (R = experts x checkpoints) and their metadata rows.
-    `on_step(step)` is called after every training step (progress)."""
+    `on_step(step)` is called after every training step (progress); `curve` holds the shard's mean support loss."""
     t0 = time.perf_counter()
     spec = task_net_spec(data, cfg)
     layout = WeightLayout(spec)
@@ -135,8 +135,15 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None, on_ste
     w0 = start_weights(layout, cfg, shard.members, list(data.tasks["id"]))
     gen = torch.Generator().manual_seed(int(shard.shard_id.rsplit("-", 1)[1], 16) ^ cfg.seed)
     out_w, meta = [], []
+    curve = LossCurve(cfg.steps)
+
+    def stepped(step: int, losses: torch.Tensor) -> None:
+        curve.add(step, losses)
+        if on_step is not None:
+            on_step(step)
+
     for step, w in train_experts(layout, feats, batch, w0, cfg.steps, cfg.lr, cfg.checkpoint_every, cfg.sample_fraction, gen,
-                                 on_step=on_step):
+                                 on_step=stepped):
         s_acc, s_loss = evaluate_experts(layout, feats, w, batch.prompts, batch.answer_mask, batch.support_idx, batch.support_lab, batch.support_n)
         q_acc, q_loss = evaluate_experts(layout, feats, w, batch.prompts, batch.answer_mask, batch.query_idx, batch.query_lab, batch.query_n)
         out_w.append(w.numpy())
@@ -149,7 +156,8 @@ def train_shard(data: SuiteFeatures, shard: ShardSpec, cfg, tensors=None, on_ste
             ))
     a = int(batch.answer_mask.shape[1])
     flops = cfg.steps * batch.n * step_flops(spec.d_img, spec.hidden, spec.d_txt, int(batch.support_idx.shape[1]), a)
-    return dict(shard_id=shard.shard_id, w=np.concatenate(out_w), meta=meta, seconds=time.perf_counter() - t0, flops=flops)
+    return dict(shard_id=shard.shard_id, w=np.concatenate(out_w), meta=meta, seconds=time.perf_counter() - t0, flops=flops,
+                curve=curve.sums)
 
 
 @ray.remote
@@ -176,7 +184,8 @@ class FarmWorker:
         meta = pd.DataFrame(out["meta"]).assign(config_hash=self.chash)
         written = self.store.write_shard_file(shard.shard_id, meta, out["w"])
         return dict(shard_id=shard.shard_id, written=written, experts=len(shard.members), seconds=out["seconds"],
-                    flops=out["flops"], node=ray.get_runtime_context().get_node_id())  # node: who did the work
+                    flops=out["flops"], curve=out["curve"],  # curve: ~100 (step, loss sum, count) points a shard
+                    node=ray.get_runtime_context().get_node_id())  # node: who did the work
 
 
 @dataclass
@@ -194,6 +203,7 @@ class FarmSummary:
     tasks_skipped: int = 0  # tasks left out: no support or no query examples (listed in the store's manifest)
     first_eta_seconds: float | None = None  # from the farm's start to the first progress update with an ETA
     result_bytes: int = 0  # what the actors' results weighed in the driver (metadata only: weights stay in the store)
+    curve: LossCurve = field(default_factory=lambda: LossCurve(1))  # mean support loss per step of the experts trained now
 
     @property
     def gflops(self) -> float:
@@ -402,6 +412,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
             summary.shards_trained += 1
             summary.train_seconds += out["seconds"]
             summary.flops += out["flops"]
+            summary.curve.merge(out.get("curve", {}))
             summary.nodes[out["node"]] = summary.nodes.get(out["node"], 0) + n
             # recorded here, once the shard is in the store: the counts equal the store's, and outlive the actors
             where = metrics.tags(name, out["node"], "experts", run)

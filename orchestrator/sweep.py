@@ -198,6 +198,8 @@ class MlflowTrials:
         """One FINISHED child run: params, tags, metrics; skipped when this trial already has one."""
         from mlflow.entities import Metric, Param
 
+        from orchestrator.tracking.tags import tag_value
+
         key = trial["key"]
         if self.logged is None:
             self.logged = {r.data.tags.get("trial_key") for r in self.children()}
@@ -209,7 +211,7 @@ class MlflowTrials:
         self.client.log_batch(
             run.info.run_id,
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if isinstance(v, (int, float))],
-            params=[Param(k, str(v)) for k, v in params.items()],
+            params=[Param(k, tag_value(v)) for k, v in params.items()],
         )
         self.client.set_terminated(run.info.run_id, "FINISHED")
         self.logged.add(key)

@@ -52,7 +52,7 @@ class BaselinesConfig:
 
 CONFIG = BaselinesConfig
 NEEDS_RAY = True
-PRESETS = {"smoke": dict(steps=40, maml_steps=20, d_latent=16, hidden=(32, 32), log_every=20), "default": dict()}
+PRESETS = {"smoke": dict(steps=40, maml_steps=20, d_latent=16, hidden=(32, 32), log_every=4), "default": dict()}
 
 
 def train_one(run, data, seed: int, cfg: BaselinesConfig, hooks):

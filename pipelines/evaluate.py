@@ -113,6 +113,11 @@ def log_models(ctx: RunContext, guidance: float) -> None:
                 ctx.log(f"evaluate: logged model {uri} ({name}, {split}, seed {seed})")
 
 
+def headline(metrics: dict) -> dict[str, float]:
+    """For the pipeline's parent run: zero-shot accuracy per split and method (`zero_shot/random/hnet_hyperldm_g1`)."""
+    return {f"zero_shot/{k}": v for k, v in metrics.items() if not k.endswith("_seconds")}
+
+
 def main() -> int:
     from pipelines.core.runner import run_stages
 

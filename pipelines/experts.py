@@ -96,9 +96,11 @@ def run(cfg: ExpertsConfig, ctx: RunContext):
 
 
 def track(summary, ctx: RunContext):
-    """Farm throughput plus mean accuracies per split (read back from the store), and the manifest."""
+    """The experts' mean support-loss curve, farm throughput, mean accuracies per split (read back from the store),
+    and the manifest."""
     from orchestrator.storage.store import MANIFEST, WeightStore
 
+    ctx.tracker.series({"support_loss": summary.curve.points()})
     root = ctx.run.store
     m = {
         "experts_trained": summary.experts_trained, "shards_trained": summary.shards_trained,

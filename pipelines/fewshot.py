@@ -110,6 +110,20 @@ class FewShotResult:
     table: object  # pandas DataFrame with RESULT_COLUMNS
     paths: list[Path]
     timings: dict  # seconds: the launch (worker-group start included), each method's train + eval summed over splits and seeds, fine-tuning
+    curves: dict = field(default_factory=dict)  # training losses: {`given-seed0/maml_loss`: [[step, loss], ...]}
+
+
+CURVE_POINTS = 100  # training-loss points kept per trained unit (every step when it has fewer)
+
+
+def loss_curves(history: list[dict], mixed_shots: bool) -> dict[str, list]:
+    """The training-loss curves in a launch's reported history, one per trained unit (per K without mixed shots)."""
+    out: dict[str, list] = {}
+    for m in history:
+        if m.get("kind") == "train":
+            shots = "" if mixed_shots else f"_{m['shots']}shot"
+            out.setdefault(f"{m['split']}-seed{m['seed']}/{m['method']}{shots}_loss", []).append([m["step"], m["loss"]])
+    return out
 
 
 RESULT_COLUMNS = ["suite", "split", "method", "shots", "seed", "accuracy", "ci95", "episodes", "train_s", "eval_s"]
@@ -217,7 +231,7 @@ def fewshot_loop(config: dict) -> None:
             k = ks[step % len(ks)]  # mixed shots: K alternates from step to step
             loss = T.train_step(model, opt, train_pool.batch(s.tasks_per_batch, k, cfg.queries, rng, img))
             train.progress(unit_name((split, method, seed, ks)), step + 1, steps, loss=loss)
-            if step % 100 == 0 or step == steps - 1:
+            if step % max(1, steps // CURVE_POINTS) == 0 or step == steps - 1:
                 log.append({"kind": "train", "split": split, "method": method, "seed": seed, "shots": k, "step": step, "loss": loss})
         T.set_progress(model, steps, steps, s)  # evaluate the finished schedule (HyperMAML: β = 1)
         train_s = time.perf_counter() - t0
@@ -315,13 +329,14 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
             rows.append(dict(split=label, method="chance", shots=k, seed=None, accuracy=mean, ci95=ci,
                              episodes=cfg.eval_episodes, train_s=None, eval_s=None))
     table = pd.DataFrame([{"suite": suite, **r} for r in rows], columns=RESULT_COLUMNS).astype({"seed": "Int64"})
-    return FewShotResult(table, write_results(table, ctx.run.results, cfg), timings)
+    return FewShotResult(table, write_results(table, ctx.run.results, cfg), timings, loss_curves(res.metrics, cfg.mixed_shots))
 
 
 def track(out: FewShotResult, ctx: RunContext):
-    """Mean accuracy (and mean CI) over seeds per split, method and K, times; the three result files."""
+    """Training-loss curves; mean accuracy (and mean CI) over seeds per split, method and K, times; the three result files."""
     from pipelines.episodic.report import summary
 
+    ctx.tracker.series(out.curves)
     m = {}
     for r in summary(out.table).itertuples():
         m[f"{r.split}_{r.method}_{r.shots}shot_acc"] = float(r.mean)
@@ -329,6 +344,11 @@ def track(out: FewShotResult, ctx: RunContext):
     for what, s in out.timings.items():
         m[f"{what}_s"] = s
     return m, out.paths
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """For the pipeline's parent run: few-shot accuracy per split, method and K (`few_shot/given_maml_5shot_acc`)."""
+    return {f"few_shot/{k}": v for k, v in metrics.items() if k.endswith("shot_acc")}
 
 
 def main() -> int:

@@ -63,7 +63,7 @@ class GeneratorsConfig:
 CONFIG = GeneratorsConfig
 NEEDS_RAY = True
 PRESETS = {
-    "smoke": dict(splits=("given",), seeds=(0,), hnet_steps=40, hvae_steps=40, d_latent=16, hidden=(32, 32), log_every=20),
+    "smoke": dict(splits=("given",), seeds=(0,), hnet_steps=40, hvae_steps=40, d_latent=16, hidden=(32, 32), log_every=4),
     "default": dict(),
 }
 

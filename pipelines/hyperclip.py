@@ -43,7 +43,7 @@ class HyperClipConfig:
 
 CONFIG = HyperClipConfig
 NEEDS_RAY = True
-PRESETS = {"smoke": dict(steps=30, hidden=(32,), log_every=10), "default": dict()}
+PRESETS = {"smoke": dict(steps=30, hidden=(32,), log_every=3), "default": dict()}
 
 
 @torch.no_grad()

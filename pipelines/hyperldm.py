@@ -47,7 +47,7 @@ class HyperLdmConfig:
 
 CONFIG = HyperLdmConfig
 NEEDS_RAY = True
-PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=20), "default": dict()}
+PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=6), "default": dict()}
 
 
 def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):

@@ -71,10 +71,13 @@ def log_trial_fn(ctx: RunContext, parent_id: str, name: str):
     client: list = []  # made on first use: the store may be unreachable when the sweep starts
 
     def log(trial: dict, result: dict) -> None:
+        from orchestrator.tracking.tags import tag_values
+
         metrics = {k: result[k] for k in ("val_accuracy", "test_accuracy", "n_val", "n_test", "trial_seconds") if k in result}
-        tags = {"method": trial["method"], "split": trial["split"], "seed": str(trial["seed"]), "sweep": name}
-        if "guidance_scale" in trial["params"]:
-            tags["guidance_scale"] = f"{trial['params']['guidance_scale']:g}"
+        # one tag format (orchestrator.tracking.tags): `tags.guidance_scale = '1.0'` finds the γ = 1 trials
+        tags = tag_values({"stage": "sweep", "preset": ctx.preset, "run_dir": str(ctx.run.root), "method": trial["method"],
+                           "split": trial["split"], "seed": trial["seed"], "sweep": name,
+                           **{k: v for k, v in trial["params"].items() if not isinstance(v, dict)}})
         try:
             if not client:
                 client.append(trial_logger(ctx, parent_id))
@@ -171,6 +174,11 @@ def track(out: SweepOutput, ctx: RunContext):
         except Exception as e:  # noqa: BLE001 - the files stay in the sweep folder; this run still gets them below
             ctx.log(f"sweep: could not copy the results to MLflow run {out.parent_id} ({e})")
     return m, out.paths
+
+
+def headline(metrics: dict) -> dict[str, float]:
+    """For the pipeline's parent run: per split and method, the setting chosen on validation (γ) and its accuracies."""
+    return {f"sweep/{k}": v for k, v in metrics.items() if k.startswith("chosen/")}
 
 
 def main() -> int:

@@ -63,8 +63,8 @@ def smoke_pipeline(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]
 
 
 def copy_run(src: Path, dst: Path) -> Path:
-    """A copy of a trained run without its MLflow store (the copy logs to a fresh SQLite store of its own)."""
-    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "sweeps"))
+    """A copy of a trained run without its sweeps (the copy logs to the MLflow store beside its new place)."""
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("mlflow_pending", "sweeps"))
     return dst
 
 

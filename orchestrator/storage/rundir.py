@@ -11,8 +11,9 @@
       results/                                    tables and figures (zero_shot.*, few_shot.*)
       sweeps/<name>/                              one folder per sweep (done/, tune/, results)
       ray_train/<name>/                           Ray Train checkpoints of each training launch (resume)
-      mlflow.db  mlartifacts/  mlflow_pending/    the run's MLflow store and its outage buffer
+      mlflow_pending/                             what could not be sent to MLflow yet (the outage buffer)
       logs/                                       full logs
+    <root>/../mlflow.db  <root>/../mlartifacts/   the MLflow store every run directory beside this one shares
 
 An *overlay* is a run directory that holds only some model kinds of its own (a sweep trial that
 retrains HyperLDM, say) and reads everything else (features, store, plan, the other models) from its
@@ -122,11 +123,13 @@ class RunDir:
 
     @property
     def mlflow_db(self) -> Path:
-        return self.root / "mlflow.db"
+        """The default MLflow store, shared by the run directories beside this one (`runs/mlflow.db`)."""
+        return self.root.parent / "mlflow.db"
 
     @property
     def mlflow_artifacts(self) -> Path:
-        return self.root / "mlartifacts"
+        """The shared store's artifacts (`runs/mlartifacts`)."""
+        return self.root.parent / "mlartifacts"
 
     @property
     def mlflow_pending(self) -> Path:

@@ -25,8 +25,8 @@ class Tracker(Protocol):
         """The innermost open run's id; None outside any run."""
         ...
 
-    def pipeline(self, name: str, tags: dict | None = None) -> AbstractContextManager[str | None]:
-        """The parent run of one invocation; yields its id."""
+    def pipeline(self, name: str, tags: dict | None = None, params: dict | None = None) -> AbstractContextManager[str | None]:
+        """The parent run of one invocation, with `params`; yields its id."""
         ...
 
     def stage(self, name: str, cfg, tags: dict | None = None) -> AbstractContextManager[str | None]:
@@ -35,6 +35,18 @@ class Tracker(Protocol):
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Log numeric metrics to the innermost run."""
+        ...
+
+    def series(self, values: dict[str, list[tuple[int, float]]]) -> None:
+        """Log step series (training curves: name -> [(step, value), ...]) to the innermost run."""
+        ...
+
+    def params(self, values: dict[str, str]) -> None:
+        """Log params to the innermost run."""
+        ...
+
+    def datasets(self, features: Path, tasks_file: Path | None = None) -> None:
+        """Log the features folder (and its task file) as dataset inputs of the innermost run."""
         ...
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
@@ -62,7 +74,7 @@ class NoopTracker:
     run_id = None
 
     @contextlib.contextmanager
-    def pipeline(self, name: str, tags: dict | None = None) -> Iterator[None]:
+    def pipeline(self, name: str, tags: dict | None = None, params: dict | None = None) -> Iterator[None]:
         """Yields None: there is no run."""
         yield None
 
@@ -73,6 +85,15 @@ class NoopTracker:
 
     def metrics(self, values: dict[str, float], step: int | None = None) -> None:
         """Drops the metrics."""
+
+    def series(self, values: dict[str, list[tuple[int, float]]]) -> None:
+        """Drops the curves."""
+
+    def params(self, values: dict[str, str]) -> None:
+        """Drops the params."""
+
+    def datasets(self, features: Path, tasks_file: Path | None = None) -> None:
+        """Drops the dataset inputs."""
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         """Drops the file."""

@@ -1,7 +1,15 @@
 """`MlflowTracker`, the MLflow `Tracker`: one parent run per invocation, one child run per stage; only the driver writes.
 
-Default store: SQLite under the run directory with artifacts beside it, so a run directory is
-self-contained; `MLFLOW_TRACKING_URI` points elsewhere (e.g. an `mlflow server` on the head node).
+Default store: one SQLite file beside the run directories (`runs/mlflow.db`, artifacts in
+`runs/mlartifacts`), shared by every run directory there so that one `mlflow ui` compares them;
+`MLFLOW_TRACKING_URI` points elsewhere (e.g. an `mlflow server` on the head node). Several pipelines
+may log to it at once (orchestrator.tracking.store). Every run is tagged with its run directory.
+
+What a user sees: the experiment is tagged as model training (the UI opens on runs and their charts);
+the parent run carries every stage's resolved config as `stage.field` params, the headline results,
+system metrics (CPU, memory) and the dataset inputs; each stage's run its config, metrics, curves
+(`series`: step series batched with `log_batch`) and artifacts. Tag values follow
+orchestrator.tracking.tags (`guidance_scale = '1.0'`).
 
 Outages: tracking must never cost results. When the store cannot be reached (server down, network,
 a locked database) the tracker says so once, stops calling it, and appends each write (`_start`,
@@ -33,15 +41,20 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from models.errors import UserError  # noqa: E402
 from orchestrator.storage.rundir import RunDir  # noqa: E402
 from orchestrator.tracking.buffer import REF_TAG, PendingLog, new_ref, now_ms  # noqa: E402
+from orchestrator.tracking.store import default_uri, retry_locked, store_lock, tracking_uri  # noqa: E402
+from orchestrator.tracking.tags import flat_params, tag_values  # noqa: E402
 
 EXPERIMENT = "weightgen"
 OUTAGE_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED"}
+# MLflow 3's UI opens an untagged experiment on its GenAI view; this tag makes it a model-training experiment.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+RUN_DIR_TAG = "run_dir"  # every run says which run directory it logged (one store serves many)
+MAX_METRICS, MAX_PARAMS = 1000, 100  # log_batch's limits per request
 
 
-def flat_params(cfg) -> dict[str, str]:
-    """A stage config as MLflow params (values stringified, long ones cut to MLflow's limit)."""
-    d = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-    return {k: str(v)[:6000] for k, v in d.items()}
+def chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 class TrackingError(UserError):
@@ -93,14 +106,14 @@ class MlflowTracker:
     def __init__(self, run_dir: Path, experiment: str = EXPERIMENT, log=None):
         run = RunDir.of(run_dir)
         self.run_dir = run.root
-        user_uri = os.environ.get("MLFLOW_TRACKING_URI")  # read first: set_tracking_uri writes this variable
-        self.uri = user_uri or f"sqlite:///{run.mlflow_db}"
+        user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        self.uri = default_uri(run.mlflow_db)
         check_store(self.uri)
         self.artifact_root = None if user_uri else run.mlflow_artifacts.as_uri()
         self.experiment = experiment
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        with store_lock(self.uri):  # a new SQLite store's tables are created here: by one process at a time
+            self.client = MlflowClient(self.uri)
         self.pending = PendingLog(run.mlflow_pending)
         self.online = True
         self.experiment_id: str | None = None  # None only while the store is unreachable
@@ -118,11 +131,15 @@ class MlflowTracker:
         return self._runs[-1][0] if self._runs else None
 
     @contextlib.contextmanager
-    def pipeline(self, name: str, tags: dict | None = None) -> Iterator[str]:
-        """The parent run of one invocation; yields its run id. Buffered records are sent when it ends."""
+    def pipeline(self, name: str, tags: dict | None = None, params: dict | None = None) -> Iterator[str]:
+        """The parent run of one invocation, with system metrics and `params` (e.g. every stage's config as
+        `stage.field`); yields its run id. Buffered records are sent when it ends. MLflow's process-wide
+        tracking URI points here only for the run's length."""
         try:
-            with self._run(name, tags or {}) as ref:
+            with tracking_uri(self.uri), self._run(name, tags or {}, system_metrics=True) as ref:
                 self.parent_id = ref
+                if params:
+                    self.params(params)
                 try:
                     yield ref
                 finally:
@@ -136,9 +153,7 @@ class MlflowTracker:
         """A child run for one stage, with its config as params (and as a JSON artifact)."""
         with self._run(name, {"stage": name, **(tags or {})}) as ref:
             cfg_dict = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
-            params = flat_params(cfg)
-            self._send({"op": "params", "ref": ref, "params": params},
-                       lambda: self.client.log_batch(ref, params=[Param(k, v) for k, v in params.items()]))
+            self.params(flat_params(cfg))
             self._send({"op": "artifact", "ref": ref, "folder": None},
                        lambda: self.client.log_dict(ref, cfg_dict, "config.json"),
                        keep=lambda r: {**r, "file": self.pending.write_dict(cfg_dict, "config.json")})
@@ -152,6 +167,43 @@ class MlflowTracker:
             return mlflow.log_metrics(clean, step=step)
         self._send({"op": "metrics", "ref": ref, "metrics": clean, "step": step or 0, "t": t},
                    lambda: self.client.log_batch(ref, metrics=[Metric(k, v, t, step or 0) for k, v in clean.items()]))
+
+    def series(self, values: dict[str, list[tuple[int, float]]]) -> None:
+        """Log step series (a training curve per metric name: [(step, value), ...]) to the innermost run,
+        batched `log_batch` calls of at most 1000 points; non-finite points are skipped."""
+        ref, t = self.run_id, now_ms()
+        points = [(k, float(v), int(step)) for k, pts in values.items() for step, v in pts
+                  if v is not None and float(v) == float(v) and abs(float(v)) != float("inf")]
+        if ref is None or not points:
+            return
+        for part in chunks(points, MAX_METRICS):
+            self._send({"op": "series", "ref": ref, "points": part, "t": t},
+                       lambda part=part: self.client.log_batch(ref, metrics=[Metric(k, v, t, s) for k, v, s in part]))
+
+    def params(self, values: dict[str, str]) -> None:
+        """Log params (text) to the innermost run, at most 100 per `log_batch`."""
+        ref = self.run_id
+        if ref is None:
+            return
+        for part in chunks(list(values.items()), MAX_PARAMS):
+            params = dict(part)
+            self._send({"op": "params", "ref": ref, "params": params},
+                       lambda params=params: self.client.log_batch(ref, params=[Param(k, v) for k, v in params.items()]))
+
+    def datasets(self, features: Path, tasks_file: Path | None = None) -> None:
+        """Log the features (and the task file they were built from) as dataset inputs of the innermost run. Not
+        buffered: while the store is unreachable they are skipped with a note (the run directory keeps the files)."""
+        from orchestrator.tracking.datasets import dataset_inputs
+
+        ref = self.run_id
+        if ref is None:
+            return
+        if not self.online or ref.startswith("local-"):
+            self._log(f"MLflow unreachable: the dataset inputs of run {ref} are not logged")
+            return
+        inputs = dataset_inputs(features, tasks_file)
+        if inputs:
+            self._try(lambda: retry_locked(lambda: self.client.log_inputs(ref, datasets=inputs)), "log dataset inputs")
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         """Copy a file into the innermost run's artifacts."""
@@ -188,9 +240,10 @@ class MlflowTracker:
 
     # -- runs ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _run(self, name: str, tags: dict) -> Iterator[str]:
+    def _run(self, name: str, tags: dict, system_metrics: bool = False) -> Iterator[str]:
         parent = self.run_id
-        ref, fluent = self._start(name, parent, tags)
+        tags = tag_values({**tags, RUN_DIR_TAG: str(self.run_dir)})
+        ref, fluent = self._start(name, parent, tags, system_metrics)
         self._runs.append((ref, fluent))
         status = "FAILED"
         try:
@@ -200,12 +253,14 @@ class MlflowTracker:
             self._runs.pop()
             self._end(ref, fluent, status)
 
-    def _start(self, name: str, parent: str | None, tags: dict) -> tuple[str, bool]:
+    def _start(self, name: str, parent: str | None, tags: dict, system_metrics: bool = False) -> tuple[str, bool]:
         if self.online:  # the fluent API keeps mlflow.active_run() right for stages that log through mlflow.*
             try:
                 if self.experiment_id is None:
                     self.experiment_id = self._experiment_id()
-                run = mlflow.start_run(experiment_id=self.experiment_id, run_name=name, nested=parent is not None, tags=tags)
+                run = retry_locked(lambda: mlflow.start_run(
+                    experiment_id=self.experiment_id, run_name=name, nested=parent is not None, tags=tags,
+                    log_system_metrics=system_metrics or None))
                 return run.info.run_id, True
             except Exception as e:  # noqa: BLE001 - an outage is buffered below, anything else re-raised
                 self._went_offline(e, f"start run {name!r}")
@@ -216,9 +271,17 @@ class MlflowTracker:
 
     def _end(self, ref: str, fluent: bool, status: str) -> None:
         t = now_ms()
+        # stop the run's system-metrics thread first: mlflow.end_run stops it only after a successful send
+        monitor = mlflow.tracking.fluent.run_id_to_system_metrics_monitor.pop(ref, None) if fluent else None
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
         if fluent and self.online:
             try:
-                mlflow.end_run(status)  # pops mlflow's run stack first, then sends: the stack stays right on failure
+                try:
+                    mlflow.end_run(status)  # pops mlflow's run stack first, then sends: the stack stays right on failure
+                except Exception:  # noqa: BLE001 - the stack is popped: a locked store is retried through the client
+                    retry_locked(lambda: self.client.set_terminated(ref, status, end_time=t))
                 return
             except Exception as e:  # noqa: BLE001
                 self._went_offline(e, "end a run")
@@ -232,7 +295,7 @@ class MlflowTracker:
         """Run `call` while online; buffer `record` (through `keep`, which saves its files) when offline."""
         if self.online and not record["ref"].startswith("local-"):
             try:
-                call()
+                retry_locked(call)
                 return
             except Exception as e:  # noqa: BLE001
                 self._went_offline(e, record["op"])
@@ -254,10 +317,16 @@ class MlflowTracker:
         self.online = False
 
     def _experiment_id(self) -> str:
-        exp = self.client.get_experiment_by_name(self.experiment)
-        if exp is not None:
+        """The experiment's id, created (tagged as model training) if missing; under the store's lock, so two
+        pipelines starting at once neither create the store's tables twice nor the experiment."""
+        with store_lock(self.uri):
+            exp = retry_locked(lambda: self.client.get_experiment_by_name(self.experiment))
+            if exp is None:
+                return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root, tags=EXPERIMENT_KIND)
+            for k, v in EXPERIMENT_KIND.items():
+                if exp.tags.get(k) != v:  # an experiment made before it was tagged
+                    self.client.set_experiment_tag(exp.experiment_id, k, v)
             return exp.experiment_id
-        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_root)
 
     def _replay_one(self, rec: dict, ids: dict[str, str]) -> str | None:
         """Send one buffered record; returns the run id when it created a run."""
@@ -277,6 +346,8 @@ class MlflowTracker:
             self.client.log_batch(run_id, params=[Param(k, v) for k, v in rec["params"].items()])
         elif rec["op"] == "metrics":
             self.client.log_batch(run_id, metrics=[Metric(k, v, rec["t"], rec["step"]) for k, v in rec["metrics"].items()])
+        elif rec["op"] == "series":
+            self.client.log_batch(run_id, metrics=[Metric(k, v, rec["t"], s) for k, v, s in rec["points"]])
         elif rec["op"] == "artifact":
             self.client.log_artifact(run_id, str(self.pending.root / rec["file"]), artifact_path=rec["folder"])
         elif rec["op"] == "end":

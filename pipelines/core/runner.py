@@ -129,6 +129,24 @@ def make_parser(prog: str, doc: str | None, stages: tuple[str, ...], mods: dict,
     return parser
 
 
+def stage_params(cfgs: dict) -> dict[str, str]:
+    """Every stage's resolved config as MLflow params prefixed by stage (`experts.steps`, `fewshot.maml.lr`)."""
+    from orchestrator.tracking.tags import flat_params
+
+    return {k: v for s, cfg in cfgs.items() for k, v in flat_params(cfg, f"{s}.").items()}
+
+
+def log_datasets(ctx: RunContext) -> None:
+    """The run's features (and the task file they were built from) as dataset inputs of the innermost run."""
+    import json
+
+    info = ctx.run.features / "info.json"
+    if not info.exists():
+        return
+    tasks_file = (json.loads(info.read_text()).get("config") or {}).get("tasks_file")
+    ctx.tracker.datasets(ctx.run.features, Path(tasks_file) if tasks_file else None)
+
+
 def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None, argv: list[str] | None = None) -> int:
     """Parse the shared CLI and run `stages` (default: just `prog`)."""
     stages = stages or (prog,)
@@ -168,7 +186,8 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
             ctx.timings["ray_start_s"] = ctx.ray.start_seconds
             for line in ctx.ray.describe():  # which Ray (private, or a cluster joined), its size, its dashboard
                 ctx.log(line)
-        with ctx.tracker.pipeline(prog, tags={"preset": args.preset, "stages": ",".join(stages)}) as parent:
+        with ctx.tracker.pipeline(prog, tags={"preset": args.preset, "stages": ",".join(stages)},
+                                  params=stage_params(cfgs)) as parent:
             ctx.log(f"MLflow run: {parent}")
             for s in stages:
                 t0 = time.perf_counter()
@@ -180,8 +199,13 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
                     ctx.tracker.metrics(metrics)
                     for path in artifacts:
                         ctx.tracker.artifact(path)
+                    if s == "features":
+                        log_datasets(ctx)
+                if hasattr(mods[s], "headline"):  # the results a table of runs should show, on the parent run
+                    ctx.tracker.metrics(mods[s].headline(metrics))
                 ctx.timings[f"{s}_s"] = time.perf_counter() - t0
                 ctx.log(f"stage {s}: done in {ctx.timings[f'{s}_s']:.1f}s")
+            log_datasets(ctx)
             ctx.timings["total_s"] = time.perf_counter() - t_start
             ctx.tracker.metrics({f"time_{k}": v for k, v in ctx.timings.items()})
             write_json(run.timings, ctx.timings)

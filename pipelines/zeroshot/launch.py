@@ -58,12 +58,15 @@ def _loop(config: dict) -> None:
             data = {split: load_split(run, split)}  # one split in memory at a time
         tag = {"split": split, "seed": seed}
         metrics: dict = {}
+        series: dict[str, list] = {}  # every logged value, [step, value] per metric: the model's training curves
         unit = f"{split}-seed{seed}"
         part = {"keys": None, "done": 0, "last": 0}  # the model part (prefix) being trained, and the steps before it
 
-        def log(step: int, m: dict, tag=tag, metrics=metrics, unit=unit, part=part) -> None:
+        def log(step: int, m: dict, tag=tag, metrics=metrics, series=series, unit=unit, part=part) -> None:
             now = {k: (rt.all_mean(v) if ddp else float(torch.as_tensor(v).detach())) for k, v in m.items()}
             metrics.update(now)  # the latest value of every metric goes into the model's summary
+            for k, v in now.items():
+                series.setdefault(k, []).append([step, v])
             if ddp:  # report() is collective; without DDP workers run different models at different times
                 rt.report({"step": step, **tag, **now})
             if set(m) != part["keys"] or step < part["last"]:  # the next part of the model (e.g. HNet, then HVAE)
@@ -81,7 +84,7 @@ def _loop(config: dict) -> None:
         state, extra = config["train_one"](run, data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
         sidecar = {"kind": config["kind"], **tag, "stage_config": config_values(cfg), "val_fraction": config.get("val_fraction", 0.0),
-                   "train_tasks": len(data[split].train_ids), "metrics": summary}
+                   "train_tasks": len(data[split].train_ids), "metrics": summary, "series": series}
         if rt.rank() == 0 or not ddp:
             save_model(run.model(config["kind"], split, seed), state, sidecar)
         if ddp:  # a Ray Train checkpoint per model, with its config
@@ -145,6 +148,19 @@ def model_steps(kind: str, cfg) -> int:
         return 0
 
 
-def stage_metrics(summaries: dict) -> dict[str, float]:
-    """Flatten {combo: metrics} to MLflow metric names like `random-seed0/loss`."""
-    return {f"{combo}/{k}": v for combo, m in summaries.items() for k, v in m.items() if isinstance(v, (int, float))}
+def stage_series(run: RunDir, kind: str, combos) -> dict[str, list]:
+    """The training curves of `kind`'s models, read from their sidecars: {`random-seed0/hnet_loss`: [[step, value], ...]}.
+    The workers that trained them wrote them there, so they reach the driver in every execution mode."""
+    out = {}
+    for combo in combos:
+        split, seed = combo.rsplit("-seed", 1)
+        side = json.loads(run.model(kind, split, int(seed)).with_suffix(".json").read_text())
+        out.update({f"{combo}/{k}": pts for k, pts in (side.get("series") or {}).items()})
+    return out
+
+
+def stage_metrics(summaries: dict, curves: dict | None = None) -> dict[str, float]:
+    """Flatten {combo: metrics} to MLflow metric names like `random-seed0/loss`; names that are `curves` are left
+    to them (their last point is the final value)."""
+    return {f"{combo}/{k}": v for combo, m in summaries.items() for k, v in m.items()
+            if isinstance(v, (int, float)) and f"{combo}/{k}" not in (curves or {})}

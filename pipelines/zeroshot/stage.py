@@ -23,10 +23,12 @@ def entry_points(kind: str, train_one: Callable, prepare: Callable | None = None
         return train_stage(kind, train_one, cfg, ctx)
 
     def track(out, ctx):
-        """Final losses and metrics per (split, seed); the model files as artifacts."""
-        from pipelines.zeroshot.launch import stage_metrics
+        """Training curves and final metrics per (split, seed); the model files as artifacts."""
+        from pipelines.zeroshot.launch import stage_metrics, stage_series
 
-        return stage_metrics(out), ctx.run.model_files(kind)
+        curves = stage_series(ctx.run, kind, out)
+        ctx.tracker.series(curves)
+        return stage_metrics(out, curves), ctx.run.model_files(kind)
 
     def main() -> int:
         from pipelines.core.runner import run_stages

@@ -70,7 +70,7 @@ def offline_run(run_dir, monkeypatch) -> list[str]:
 
 
 def runs_by_name(run_dir) -> dict[str, object]:
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # the store shared by the run directories there
     exp = client.get_experiment_by_name("weightgen")
     return client, {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
 

@@ -25,7 +25,7 @@ from orchestrator.storage.store import MANIFEST, StoreError, WeightStore, file_s
 from orchestrator.storage.atomic import write_json
 from tests.conftest import run_cli
 
-MLFLOW_FILES = ("mlflow.db", "mlartifacts", "mlflow_pending")  # a failed invocation is still logged, as FAILED
+MLFLOW_FILES = ("mlflow_pending",)  # a failed invocation is still logged, as FAILED (to the store beside the run)
 RECORDS = ("config.yaml", "command.txt", ".lock", "lock.json")  # and recorded: every invocation that passed its config checks writes these first (under the run lock)
 
 
@@ -267,7 +267,7 @@ def test_garbage_features_info_is_rebuilt_not_a_traceback(existing_run, tmp_path
 def test_unusable_mlflow_store_is_one_line_before_any_work(existing_run, tmp_path, case):
     run = tmp_path / "run"
     shutil.copytree(existing_run, run, ignore=shutil.ignore_patterns(*MLFLOW_FILES))
-    env, db = {}, run / "mlflow.db"
+    env, db = {}, run.parent / "mlflow.db"  # the store every run directory beside this one shares
     if case == "garbage mlflow.db":
         db.write_text("not a database")
     elif case == "read-only mlflow.db":

@@ -22,10 +22,10 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # the store beside the run directories
     exp = client.get_experiment_by_name("weightgen")
-    assert exp.artifact_location.startswith((run_dir / "mlartifacts").as_uri())
-    runs = client.search_runs([exp.experiment_id])
+    assert exp.artifact_location.startswith((run_dir.parent / "mlartifacts").as_uri())
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.run_dir = '{run_dir.resolve()}'")
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
     assert len(parents) == 1 and parents[0].info.run_name == "full"
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}

@@ -78,7 +78,7 @@ def sweep_runs(run_dir, name: str):
     """(the sweep's parent run, its trial child runs) in the run's MLflow SQLite store."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     exp = client.get_experiment_by_name("weightgen")
     state = json.loads((run_dir / "sweeps" / name / "sweep.json").read_text())
     parent = client.get_run(state["mlflow_parent"])
@@ -100,7 +100,8 @@ def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_pat
     tags = pd.DataFrame([k.data.tags for k in kids])
     assert set(tags["method"]) == {"hnet_hyperldm", "hvae_hyperclip", "multitask"}
     assert set(tags["split"]) == {"given"} and set(tags["seed"]) == {"0"}
-    assert sorted(tags["guidance_scale"].dropna()) == ["0", "1.5"]
+    assert sorted(tags["guidance_scale"].dropna()) == ["0.0", "1.5"]
+    assert set(tags["stage"]) == {"sweep"} and set(tags["preset"]) == {"default"}
     assert tags["trial_key"].is_unique
     for k in kids:
         assert 0.0 <= k.data.metrics["val_accuracy"] <= 1.0 and 0.0 <= k.data.metrics["test_accuracy"] <= 1.0
@@ -108,7 +109,7 @@ def test_small_sweep_logs_one_child_run_per_trial_with_tags(trained_run, tmp_pat
     # set mlflow's process-wide tracking URI, which wins over the environment.)
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{trained_run / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{trained_run.parent / 'mlflow.db'}")
     exp = client.get_experiment_by_name("weightgen")
     hit = client.search_runs([exp.experiment_id],
                              filter_string="tags.method = 'hnet_hyperldm' and tags.guidance_scale = '1.5' and tags.sweep = 'small'")
