@@ -97,3 +97,37 @@ def test_evaluate_on_a_finished_run_adds_tables_and_keeps_every_accuracy(smoke_p
     zs = after.set_index(["method", after["guidance_scale"].fillna(-1)])["accuracy"]
     for _, row in own[own["measure"] == "own"].iterrows():
         assert row["value"] == pytest.approx(zs[(row["method"], -1 if pd.isna(row["guidance_scale"]) else row["guidance_scale"])])
+
+
+@pytest.mark.ray
+@pytest.mark.mlflow
+@pytest.mark.slow
+def test_sampling_bench_reports_a_paired_ci_and_shrinks_with_flags(smoke_pipeline):
+    """bench/sampling.py on the smoke run, shrunk: the last line is one JSON object with the paired difference."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run_dir, r = smoke_pipeline
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "sampling.py"), "--run-dir", str(run_dir), "--ddim-steps", "5,10",
+                        "--draws", "2", "--max-tasks", "4"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["tasks"] == 4 and out["ddim_steps"] == 5 and [s["ddim_steps"] for s in out["by_steps"]] == [5, 10]
+    assert out["ci_low"] <= out["ddim_minus_ddpm"] <= out["ci_high"]
+    assert out["ddim_minus_ddpm"] == pytest.approx(100 * (out["ddim_accuracy"] - out["ddpm_accuracy"]), abs=1e-3)
+    within = [s["ddim_steps"] for s in out["by_steps"] if -1 <= s["ci_low"] and s["ci_high"] <= 1]
+    assert out["steps_within_1_point"] == (min(within) if within else None)
+
+
+def test_paired_ci_covers_the_mean_and_narrows_with_more_tasks():
+    from bench.sampling import paired_ci
+
+    rng = np.random.default_rng(0)
+    small, large = (paired_ci(rng.normal(0.5, 3.0, n)) for n in (30, 600))
+    for mean, lo, hi in (small, large):
+        assert lo < mean < hi
+    assert large[2] - large[1] < 0.5 * (small[2] - small[1])
