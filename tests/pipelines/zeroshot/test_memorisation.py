@@ -89,7 +89,7 @@ def test_evaluate_on_a_finished_run_adds_tables_and_keeps_every_accuracy(smoke_p
     assert np.allclose(wide["drop_other_task"], wide["own"] - wide["other_task"])
 
     copy = copy_run(run_dir, tmp_path / "run")
-    r = run_cli("pipelines.evaluate", "--run-dir", str(copy), "--no-progress")
+    r = run_cli("pipelines.evaluate", "--preset", "smoke", "--run-dir", str(copy), "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     before, after = (pd.read_csv(d / "results" / "zero_shot.csv") for d in (run_dir, copy))
     pd.testing.assert_frame_equal(before, after)
