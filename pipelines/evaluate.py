@@ -6,6 +6,10 @@ Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accu
 `results/zero_shot.md` (mean ± std over seeds) and `results/zero_shot.png`; the means go to MLflow,
 and each generative method's trained models, per split and seed, become MLflow logged models
 (`log_models`; README, "Python API").
+Beside them, from the same generated networks: `results/memorisation.{csv,md}` (distances to the
+meta-train experts and to each task's own expert) and `results/description_ablation.{csv,md}` (each
+conditioned method given another task's description or a random string). Rerunning this stage on a
+finished run adds them without retraining anything.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class EvaluateConfig:
     """HyperLDM classifier-free guidance scales γ, one table row each (the paper's grid)"""
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     """HyperCLIP guidance and HyperLDM sampler settings"""
+    description_ablation: bool = True
+    """also score every conditioned method with another task's description and with a random string"""
     log_models: Annotated[bool, Runtime] = True
     """log each generative method's trained models, per split and seed, as MLflow models (loadable by models:/ URI)"""
 
@@ -38,19 +44,37 @@ PRESETS = {"smoke": {"guidance_scales": (0.0, 1.0), "sampling": {"guidance_steps
            "default": dict()}
 
 
-def evaluate_split(data, models, cfg: EvaluateConfig, suite: str) -> list[dict]:
-    """Result rows of one split and seed: every method of the registry, HyperLDM once per guidance scale."""
-    from pipelines.zeroshot.methods import METHODS, accuracy
+def evaluate_split(data, models, cfg: EvaluateConfig, suite: str, ablation: dict | None = None) -> dict[str, list[dict]]:
+    """Rows of one split and seed: every method of the registry, HyperLDM once per guidance scale.
 
-    rows = []
+    {"zero_shot": accuracy rows, "memorisation": distance rows of each generated set of networks,
+    "description_ablation": accuracy under each of `ablation`'s conditions ({name: c [T, d]}; None: skipped)}.
+    """
+    from models.zeroshot.tasks import task_accuracy
+    from pipelines.zeroshot import description_ablation, memorisation
+    from pipelines.zeroshot.methods import METHODS, accuracy, generate
+
+    out = {"zero_shot": [], "memorisation": [], "description_ablation": []}
+    key = dict(suite=suite, split=data.name, seed=models.seed)
     for name, m in METHODS.items():
         scales = cfg.guidance_scales if "guidance_scale" in m.uses else (None,)
         for g in scales:
             s = cfg.sampling if g is None else dataclasses.replace(cfg.sampling, guidance_scale=g)
-            acc = float(accuracy(name, models, data.test, data.w_test, s).mean())
-            rows.append(dict(suite=suite, split=data.name, method=name, guidance_scale=g, seed=models.seed,
-                             accuracy=acc, n_tasks=data.test.batch.n))
-    return rows
+            row = dict(key, guidance_scale=g)
+            if m.weights is None:
+                acc = float(accuracy(name, models, data.test, data.w_test, s).mean())
+            else:
+                w = generate(name, models, data.test.c, s)
+                acc = float(task_accuracy(data.test, w).mean())
+                out["memorisation"] += memorisation.rows(data, name, w, row)
+                if ablation and m.conditioned:
+                    accs = {k: acc if k == "own" else float(task_accuracy(data.test, generate(name, models, c, s)).mean())
+                            for k, c in ablation.items()}
+                    out["description_ablation"] += description_ablation.rows(dict(row, n_tasks=data.test.batch.n), name, accs)
+            out["zero_shot"].append(dict(suite=suite, split=data.name, method=name, guidance_scale=g, seed=models.seed,
+                                         accuracy=acc, n_tasks=data.test.batch.n))
+    out["memorisation"] += memorisation.reference_rows(data, dict(key, guidance_scale=None))
+    return out
 
 
 def run(cfg: EvaluateConfig, ctx: RunContext):
@@ -62,17 +86,28 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
     from pipelines.zeroshot.data import load_split, read_plan
     from pipelines.zeroshot.trained import TrainedModels
 
+    from pipelines.zeroshot import description_ablation, memorisation
+
     feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run.features)
     splits, seeds = read_plan(ctx.run)
-    rows = []
+    rows = {"zero_shot": [], "memorisation": [], "description_ablation": []}
+    encoder = description_ablation.text_encoder(feats.info) if cfg.description_ablation else None
     for split in splits:
         data = load_split(ctx.run, split, feats)
+        ablation = description_ablation.conditions(data, encoder.encode) if encoder and data.test.batch.n > 1 else None
         for seed in seeds:
-            rows += evaluate_split(data, TrainedModels(ctx.run, data, seed), cfg, feats.info.get("suite", "tasks"))
-            ctx.log(f"evaluate: {split} seed {seed} done")
-    table = pd.DataFrame(rows)
+            models = TrainedModels(ctx.run, data, seed)
+            for k, v in evaluate_split(data, models, cfg, feats.info.get("suite", "tasks"), ablation).items():
+                rows[k] += v
+            ctx.log(f"evaluate: {split} seed {seed} done; chosen on validation: {models.tuned}")
+    table = pd.DataFrame(rows["zero_shot"])
     paths = write_results(table, ctx.run.results, "zero_shot", title="Zero-shot query accuracy on meta-test tasks")
     ctx.log("\n" + paths[1].read_text())
+    paths += memorisation.write(pd.DataFrame(rows["memorisation"]), ctx.run.results)
+    ctx.log("\n" + paths[-1].read_text())
+    if rows["description_ablation"]:
+        paths += description_ablation.write(pd.DataFrame(rows["description_ablation"]), ctx.run.results)
+        ctx.log("\n" + paths[-1].read_text())
     return table, paths, cfg
 
 

@@ -15,24 +15,25 @@ def method_label(method: str, guidance_scale: float | None, pretty: bool = False
     return f"{method} (γ={guidance_scale:g})" if pretty else f"{method}_g{guidance_scale:g}"
 
 
-def summary(table: pd.DataFrame, group: str = "split") -> pd.DataFrame:
-    """Mean and std of accuracy over seeds for every (method label, `group` value), methods in first-seen order."""
+def summary(table: pd.DataFrame, group: str = "split", value: str = "accuracy") -> pd.DataFrame:
+    """Mean and std of `value` over seeds for every (method label, `group` value), methods in first-seen order."""
     t = table.assign(label=[method_label(m, g, pretty=True) for m, g in zip(table["method"], table["guidance_scale"])])
     order = list(dict.fromkeys(t["label"]))
-    s = t.groupby(["label", group], sort=False)["accuracy"].agg(["mean", "std", "count"]).reset_index()
+    s = t.groupby(["label", group], sort=False)[value].agg(["mean", "std", "count"]).reset_index()
     s["label"] = pd.Categorical(s["label"], order, ordered=True)
     return s.sort_values(["label", group]).reset_index(drop=True)
 
 
-def markdown(table: pd.DataFrame, title: str, group: str = "split") -> str:
-    """Methods as rows, `group` values as columns, cells `mean ± std` in percent (n seeds)."""
-    s = summary(table, group)
+def markdown(table: pd.DataFrame, title: str, group: str = "split", value: str = "accuracy",
+             unit: str = "query accuracy, %", scale: float = 100.0) -> str:
+    """Methods as rows, `group` values as columns, cells `mean ± std` of `value` times `scale` (n seeds)."""
+    s = summary(table, group, value)
     cols = list(dict.fromkeys(table[group]))
     seeds = sorted(table["seed"].unique())
-    lines = [f"# {title}", "", f"Mean ± std over seeds {', '.join(map(str, seeds))} (query accuracy, %).", "",
+    lines = [f"# {title}", "", f"Mean ± std over seeds {', '.join(map(str, seeds))} ({unit}).", "",
              "| method | " + " | ".join(map(str, cols)) + " |", "|---|" + "---|" * len(cols)]
     for label, g in s.groupby("label", sort=False, observed=True):
-        cell = {r[group]: f"{100 * r['mean']:.2f} ± {100 * (0 if pd.isna(r['std']) else r['std']):.2f}" for _, r in g.iterrows()}
+        cell = {r[group]: f"{scale * r['mean']:.2f} ± {scale * (0 if pd.isna(r['std']) else r['std']):.2f}" for _, r in g.iterrows()}
         lines.append(f"| {label} | " + " | ".join(cell.get(c, "") for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
@@ -64,12 +65,15 @@ def bar_chart(table: pd.DataFrame, path: Path, title: str, group: str = "split")
     plt.close(fig)
 
 
-def write_results(table: pd.DataFrame, folder: Path, stem: str, title: str, group: str = "split") -> list[Path]:
-    """`<stem>.csv`, `<stem>.md` and `<stem>.png` under `folder`; returns their paths."""
+def write_results(table: pd.DataFrame, folder: Path, stem: str, title: str, group: str = "split",
+                  value: str = "accuracy", unit: str = "query accuracy, %", scale: float = 100.0) -> list[Path]:
+    """`<stem>.csv`, `<stem>.md` and `<stem>.png` (accuracy tables only) under `folder`; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     csv, md, png = (folder / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
-    write_text(md, markdown(table, title, group))
+    write_text(md, markdown(table, title, group, value, unit, scale))
+    if value != "accuracy":
+        return [csv, md]
     bar_chart(table, png, title, group)
     return [csv, md, png]

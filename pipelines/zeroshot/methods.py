@@ -4,7 +4,8 @@ Every consumer (the evaluate stage, the sweep, `pipelines.zero_shot`, the Python
 `generate` and `accuracy`. Adding a method is one `Method` entry here plus its model's code.
 
 A method is *generative* (weights from description embeddings) or a *reference* scored without
-generating anything from the description (the per-task expert, chance).
+generating anything from the description (the per-task expert, chance). A generative method is
+*conditioned* unless it ignores the description (multitask, MAML's init).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Method:
     stages: tuple[str, ...]  # training stages whose models it uses (a sweep's training override retrains them)
     uses: tuple[str, ...]  # SamplingSettings fields it reads (a sweep crosses only these)
     weights: Weights | None  # c [B, d_txt] -> raw weights [B, P]; None for a reference
+    conditioned: bool = True  # its weights depend on the description (the description ablation varies it)
 
 
 HYPERLDM_SETTINGS = ("guidance_scale", "sampler", "sampler_steps")
@@ -42,6 +44,17 @@ def nearest_task(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torc
 
     sim = F.normalize(c, dim=-1) @ F.normalize(m.data.train.c, dim=-1).T  # [B, N]
     return m.data.w_train[sim.argmax(1)]
+
+
+def checkpoint_baseline(name: str) -> Weights:
+    """A memorisation baseline built from the meta-train experts (pipelines.zeroshot.checkpoint_baselines)."""
+
+    def weights(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+        from pipelines.zeroshot import checkpoint_baselines
+
+        return getattr(checkpoint_baselines, name)(m, c, s)
+
+    return weights
 
 
 def baseline(name: str) -> Weights:
@@ -89,14 +102,17 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("chance", "reference", (), (), None),
     Method("oracle", "reference", (), (), None),
     Method("nearest_task", "baseline", (), (), nearest_task),
-    Method("multitask", "baseline", ("baselines",), (), baseline("multitask")),
-    Method("maml_zero_shot", "baseline", ("baselines",), (), baseline("maml")),
+    Method("nearest_task_noise", "baseline", (), (), checkpoint_baseline("nearest_task_noise")),
+    Method("nearest_k_average", "baseline", (), (), checkpoint_baseline("nearest_k_average")),
+    Method("multitask", "baseline", ("baselines",), (), baseline("multitask"), conditioned=False),
+    Method("maml_zero_shot", "baseline", ("baselines",), (), baseline("maml"), conditioned=False),
     Method("text_hnet", "baseline", ("baselines",), (), baseline("text_hnet")),
     *(Method(f"{r}_{kind}", r, ("generators", kind), uses, make(r))
       for r in ("hnet", "hvae") for kind, uses, make in (("hyperclip", HYPERCLIP_SETTINGS, hyperclip),
                                                          ("hyperldm", HYPERLDM_SETTINGS, hyperldm))),
 )}
 GENERATIVE = tuple(n for n, m in METHODS.items() if m.weights is not None)
+CONDITIONED = tuple(n for n in GENERATIVE if METHODS[n].conditioned)
 
 
 def method(name: str) -> Method:

@@ -44,8 +44,8 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     table = pd.read_csv(run_dir / "results" / "zero_shot.csv")
     assert {"suite", "split", "method", "seed", "accuracy", "guidance_scale"} <= set(table.columns)
     methods = set(table["method"])
-    assert {"chance", "oracle", "nearest_task", "multitask", "maml_zero_shot", "text_hnet", "hnet_hyperclip",
-            "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"} == methods
+    assert {"chance", "oracle", "nearest_task", "nearest_task_noise", "nearest_k_average", "multitask", "maml_zero_shot",
+            "text_hnet", "hnet_hyperclip", "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"} == methods
     assert table["accuracy"].between(0, 1).all()
     oracle = table.loc[table["method"] == "oracle", "accuracy"].iloc[0]
     assert oracle > table.loc[table["method"] == "chance", "accuracy"].iloc[0]
@@ -60,7 +60,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     # The default γ sweep ran as the last stage: one child run per trial under the sweep's run, γ chosen on validation.
     sweep = children["sweep"]
     trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
-    assert len(trials) == 12 == sweep.data.metrics["trials"]  # 2 HyperLDM routes x γ {0, 1} + 8 other methods
+    assert len(trials) == 14 == sweep.data.metrics["trials"]  # 2 HyperLDM routes x γ {0, 1} + 10 other methods
     assert sweep.data.metrics["chosen/given/hnet_hyperldm/guidance_scale"] in (0.0, 1.0)
     assert {"results.md", "curve.png"} <= {a.path for a in client.list_artifacts(sweep.info.run_id)}
 
