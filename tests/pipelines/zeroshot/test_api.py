@@ -59,7 +59,7 @@ def logged_models(run_dir: Path) -> dict[str, str]:
     """{logged model name: models:/ URI} in the run's MLflow store, the latest where a name repeats."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
     exp = client.get_experiment_by_name("weightgen")
     oldest_first = [{"field_name": "creation_time", "ascending": True}]
     return {m.name: m.model_uri for m in client.search_logged_models([exp.experiment_id], order_by=oldest_first)}
@@ -89,7 +89,7 @@ def test_logged_models_in_a_fresh_process_give_the_api_weights_bit_for_bit(smoke
     assert {f"{m}-given-seed0" for m in GENERATIVE} <= set(models), sorted(models)  # every method, split and seed
     cases = [(models[f"{m}-given-seed0"], str(tmp_path / f"{m}.npy"), g) for m, g in CASES.items()]
     assert all(uri.startswith("models:/") for uri, _, _ in cases)
-    r = python(LOAD_AND_PREDICT.replace("CASES", repr(cases)), env={"MLFLOW_TRACKING_URI": f"sqlite:///{run_dir / 'mlflow.db'}"})
+    r = python(LOAD_AND_PREDICT.replace("CASES", repr(cases)), env={"MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent / 'mlflow.db'}"})
     assert r.returncode == 0, r.stderr[-3000:]
     for line in r.stdout.strip().splitlines()[-len(cases):]:
         bundle = Path(json.loads(line)["bundle"])
