@@ -50,7 +50,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     oracle = table.loc[table["method"] == "oracle", "accuracy"].iloc[0]
     assert oracle > table.loc[table["method"] == "chance", "accuracy"].iloc[0]
     md = (run_dir / "results" / "zero_shot.md").read_text()
-    assert "| hnet_hyperldm (γ=1) |" in md
+    assert "| HNet route | HNet + HyperLDM (γ = 1) |" in md and "95 % CI" in md
     assert (run_dir / "results" / "zero_shot.png").read_bytes()[:4] == b"\x89PNG"
     evaluate = children["evaluate"]
     assert "given/oracle" in evaluate.data.metrics
