@@ -4,7 +4,8 @@
     python -m pipelines.report --run-dir runs/default --out docs      # docs/results.md with figures in docs/figures/
 
 Reads `results/zero_shot.csv` (and `zero_shot_tasks.csv` where the run has it: the CIs then resample
-tasks and seeds), `results/few_shot.csv` and every `sweeps/<name>/results.csv`, rewrites their `.md`
+tasks and seeds), `results/few_shot.csv` and every `sweeps/<name>/results.csv` (with its trials' per-task
+accuracies from `done/` where they were recorded), rewrites their `.md`
 and `.png` beside them, and writes one results page linking the figures. `pipelines.full` writes the
 page at the end of a run.
 """
@@ -52,6 +53,7 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
     from pipelines.episodic import report as fewshot_report
     from pipelines.evaluate import TITLE
     from pipelines.sweeps import results as sweep_results
+    from pipelines.sweeps.trial import DONE, per_task_table
 
     out = []
     zs = root / "results" / "zero_shot.csv"
@@ -62,10 +64,12 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
         out.append(("Zero-shot", png, md.read_text()))
     for csv in sorted((root / "sweeps").glob("*/results.csv")):
         table, name, png = pd.read_csv(csv), csv.parent.name, csv.parent / "curve.png"
+        done = [csv.parent / DONE / f"{k}.json" for k in table["key"]]
+        per_task = per_task_table(csv.parent, list(table["key"])) if all(p.exists() for p in done) else None
         chosen = sweep_results.choose(table)  # the CSVs stay as the sweep wrote them
-        md = sweep_results.markdown(table, chosen, name)
+        md = sweep_results.markdown(table, chosen, name, per_task)
         write_text(csv.parent / "results.md", md)
-        out.append((f"Sweep {name}", png if sweep_results.curve_plot(table, chosen, png, name) else None, md))
+        out.append((f"Sweep {name}", png if sweep_results.curve_plot(table, chosen, png, name, per_task) else None, md))
     fs = root / "results" / "few_shot.csv"
     if fs.exists():
         table, cfg = pd.read_csv(fs).astype({"seed": "Int64"}), few_shot_config(root)

@@ -97,7 +97,7 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     from orchestrator.sweep import concurrency, read_state, run_trials, write_state
     from pipelines.sweeps import results as sweep_results
     from pipelines.sweeps.spec import expand, spec_hash
-    from pipelines.sweeps.trial import DONE, run_trial, trial_fields
+    from pipelines.sweeps.trial import DONE, per_task_table, run_trial, trial_fields
 
     splits, seeds = plan_scope(cfg, ctx.run)
     sweep_dir = ctx.run.sweep(cfg.name)
@@ -150,7 +150,7 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     # one column order whatever the methods' order: trial, sampling settings, training overrides, results
     settings = sweep_results.setting_columns(table)
     table = table[["method", "split", "seed", *settings, *(c for c in table.columns if c not in {"method", "split", "seed", *settings})]]
-    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name)
+    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name, per_task_table(sweep_dir, list(table["key"])))
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
         ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
                 f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'])} %")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from orchestrator.storage.atomic import atomic_path, write_text
 from pipelines.core import names
-from pipelines.core.bootstrap import bootstrap_ci, seed_ci
+from pipelines.core.bootstrap import seed_ci, table_ci
 from pipelines.core.results import seeds_text
 from pipelines.sweeps.spec import SAMPLING
 
@@ -67,12 +67,17 @@ def pct(m, s=None) -> str:
     return f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * (0 if pd.isna(s) else s):.2f}")
 
 
-def test_ci(table: pd.DataFrame) -> dict:
-    """{(split, method, setting): CI} of the meta-test accuracy over seed means (trials record no per-task accuracies)."""
+def test_ci(table: pd.DataFrame, per_task: pd.DataFrame | None = None) -> dict:
+    """{(split, method, setting): CI} of the meta-test accuracy: a bootstrap over tasks and seeds with the trials'
+    per-task accuracies (`per_task`: key, task, test_accuracy), over the seed means without them."""
     cols = setting_columns(table)
     swept = [c for c in cols if table[c].dropna().nunique() > 1]
     t = table.assign(setting=[setting_label(r, swept) for _, r in table.iterrows()])
-    return seed_ci(t.rename(columns={"test_accuracy": "accuracy"}), ["split", "method", "setting"])
+    keys = ["split", "method", "setting"]
+    if per_task is None:
+        return seed_ci(t.rename(columns={"test_accuracy": "accuracy"}), keys)
+    long = per_task.merge(t[["key", "seed", *keys]], on="key").rename(columns={"test_accuracy": "accuracy"})
+    return table_ci(long, keys)
 
 
 def cell(mean, std, seeds, ci) -> str:
@@ -81,14 +86,15 @@ def cell(mean, std, seeds, ci) -> str:
     return f"{spread} {names.interval(ci.low, ci.high)}"
 
 
-def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str) -> str:
+def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str, per_task: pd.DataFrame | None = None) -> str:
     """The chosen settings first (what to report), then every setting's validation and meta-test accuracy."""
-    cis = test_ci(table)
+    cis = test_ci(table, per_task)
+    over = "tasks and seeds" if per_task is not None else "the seed means"
     tasks = "; ".join(f"{names.split_name(sp)}: {int(g['n_val'].iloc[0])} validation and {int(g['n_test'].iloc[0])} meta-test tasks"
                       for sp, g in table.groupby("split", sort=False))
     lines = [f"# Sweep `{name}`", "", f"Query accuracy (%), mean over {seeds_text(table)} ± std over seeds, averaged over "
              f"the tasks of each split ({tasks}). `val`: held-out meta-train tasks (settings are chosen there); "
-             "`meta-test`: meta-test tasks, with the 95 % CI of a bootstrap over the seed means in brackets.", "",
+             f"`meta-test`: meta-test tasks, with the 95 % CI of a bootstrap over {over} in brackets.", "",
              "## Chosen on the validation tasks", "",
              "| split | method | chosen setting | val | meta-test at chosen | seeds | best on meta-test (not a fair choice) |",
              "|---|---|---|---|---|---|---|"]
@@ -109,10 +115,10 @@ def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str) -> str:
 GAMMA = "guidance_scale"
 
 
-def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str) -> bool:
+def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str, per_task: pd.DataFrame | None = None) -> bool:
     """Meta-test accuracy vs the swept parameter (γ first), one panel per split, one colour per route.
 
-    Swept methods are lines with a 95 % CI band over seed means and their validation curve dotted;
+    Swept methods are lines with a 95 % CI band (`test_ci`) and their validation curve dotted;
     methods the parameter does not affect are horizontal lines in their route's colour; chance and
     oracle are black reference lines. The legend sits under the panels.
     """
@@ -129,6 +135,8 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
         return False
     x = varying[0]
     splits = list(dict.fromkeys(table["split"]))
+    cis = test_ci(table, per_task)
+    swept = [c for c in cols if table[c].dropna().nunique() > 1]
     methods = names.route_order(dict.fromkeys(table["method"]))
     # methods the parameter does not change: flat lines, told apart by dash pattern within their route's colour
     dashes = ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (12, 3)), (0, (3, 1, 3, 4))]
@@ -146,7 +154,7 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
             elif g[x].notna().any():
                 s = g.groupby(x)[["test_accuracy", "val_accuracy"]].agg(["mean"]).sort_index()
                 xs = s.index.to_numpy(dtype=float)
-                ci = [bootstrap_ci(g.loc[g[x] == v, "test_accuracy"].to_numpy()) for v in s.index]
+                ci = [cis[(split, method, setting_label(g[g[x] == v].iloc[0], swept))] for v in s.index]
                 ax.plot(xs, 100 * s[("test_accuracy", "mean")], marker="o", color=colour, lw=2, label=f"{label} (meta-test)")
                 ax.fill_between(xs, [100 * c.low for c in ci], [100 * c.high for c in ci], color=colour, alpha=0.18)
                 ax.plot(xs, 100 * s[("val_accuracy", "mean")], ls=":", color=colour, lw=1.2, label=f"{label} (validation)")
@@ -170,7 +178,8 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
     n_test = " and ".join(f"{int(g['n_test'].iloc[0])} ({names.split_name(sp)})" for sp, g in table.groupby("split", sort=False))
     fig.legend(handles, labels, fontsize=7.5, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, 0.04))
     fig.suptitle(f"Sweep {name}: accuracy on {n_test} meta-test tasks, {seeds_text(table)}", fontsize=11)
-    fig.text(0.01, 0.005, "Lines: mean over seeds; bands: 95 % bootstrap CI over the seed means. Colour = route "
+    over = "tasks and seeds" if per_task is not None else "the seed means"
+    fig.text(0.01, 0.005, f"Lines: mean over seeds; bands: 95 % bootstrap CI over {over}. Colour = route "
              "(blue HNet, orange HVAE, grey baselines); black dashed: chance, black dotted: oracle.", fontsize=7)
     rows = -(-len(labels) // 3)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * rows, 1, 0.97))
@@ -180,16 +189,16 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str)
     return True
 
 
-def write(table: pd.DataFrame, folder: Path, name: str) -> tuple[pd.DataFrame, list[Path]]:
-    """results.csv, results.md and curve.png under `folder`; returns (chosen, paths)."""
+def write(table: pd.DataFrame, folder: Path, name: str, per_task: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """results.csv, results.md and curve.png under `folder` (CIs over tasks and seeds with `per_task`); returns (chosen, paths)."""
     chosen = choose(table)
     csv, md, png = folder / "results.csv", folder / "results.md", folder / "curve.png"
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(folder / "chosen.csv") as tmp:
         chosen.to_csv(tmp, index=False)
-    write_text(md, markdown(table, chosen, name))
+    write_text(md, markdown(table, chosen, name, per_task))
     paths = [csv, folder / "chosen.csv", md]
-    if curve_plot(table, chosen, png, name):
+    if curve_plot(table, chosen, png, name, per_task):
         paths.append(png)
     return chosen, paths

@@ -5,6 +5,7 @@ few-shot stage write), so the test needs no training; the full pipeline test cov
 """
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -35,8 +36,12 @@ def make_run(root, seeds=(0, 1, 2)):
     sweep = [dict(method=m, split=sp, seed=s, guidance_scale=g, val_accuracy=0.5 + 0.01 * (g or 0), test_accuracy=0.55 + 0.01 * (g or 0) + 0.01 * s,
                   n_val=3, n_test=6, key=f"{m}{sp}{s}{g}")
              for sp in ("random",) for s in seeds for m, gs in (("chance", [None]), ("hnet_hyperldm", [0.0, 1.0, 7.5])) for g in gs]
-    (root / "sweeps" / "gamma").mkdir(parents=True)
+    (root / "sweeps" / "gamma" / "done").mkdir(parents=True)
     pd.DataFrame(sweep).to_csv(root / "sweeps" / "gamma" / "results.csv", index=False)
+    if len(seeds) > 1:  # the trials' records with their per-task accuracies, as a sweep now keeps them
+        for t in sweep:
+            acc = {f"random-{i}": t["test_accuracy"] + d for i, d in enumerate((-0.1, 0, 0, 0, 0, 0.1))}
+            (root / "sweeps" / "gamma" / "done" / f"{t['key']}.json").write_text(json.dumps({"test_tasks": acc}))
     few = [dict(suite="easyvqa", split="random", method=m, shots=k, seed=s if m != "chance" else None, accuracy=0.6 + 0.05 * k / 5,
                 ci95=0.02, episodes=20, train_s=1.0, eval_s=0.1) for m in ("maml", "hypermaml", "chance") for k in (1, 5)
            for s in (seeds if m != "chance" else (None,))]
@@ -64,6 +69,7 @@ def test_report_redraws_tables_and_figures_and_writes_the_page(tmp_path):
     mean, low, high = (float(x) for x in (row.split("|")[3].split()[0], *row.split("[")[1].split("]")[0].split(", ")))
     assert low < mean < high and 60 < mean < 80  # percentages, the mean inside its CI
     assert "| HNet route | HNet + HyperLDM (γ = 1) |" in zs and "| HVAE route | HVAE + HyperLDM (γ = 1) |" in zs
+    assert "bootstrap over tasks and seeds" in (run / "sweeps" / "gamma" / "results.md").read_text()
     page = (run / "results.md").read_text()
     assert page.startswith("# Results") and "](results/zero_shot.png)" in page and "](sweeps/gamma/curve.png)" in page
     assert "## Few-shot" in page and "| Baselines | MAML |" in page and "random split" in page
@@ -77,7 +83,8 @@ def test_one_seed_says_so_instead_of_a_zero_std(tmp_path):
     assert r.returncode == 0, r.stderr
     zs = (run / "results" / "zero_shot.md").read_text()
     assert "± 0.0" not in zs and "(1 seed) [" in zs and "Mean over 1 seed" in zs
-    assert "(1 seed)" in (run / "sweeps" / "gamma" / "results.md").read_text()
+    sweep_md = (run / "sweeps" / "gamma" / "results.md").read_text()
+    assert "(1 seed)" in sweep_md and "bootstrap over the seed means" in sweep_md  # no per-task records here
     page = (docs / "results.md").read_text()
     assert "](figures/zero_shot.png)" in page and "](figures/sweep-gamma-curve.png)" in page
     assert (docs / "figures" / "few_shot.png").read_bytes()[:8] == PNG
