@@ -72,7 +72,7 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
             rows, per_task = rows + r, per_task + t
             ctx.log(f"evaluate: {split} seed {seed} done")
     table = pd.DataFrame(rows)
-    paths = write_results(table, ctx.run.results, "zero_shot", title=TITLE, per_task=pd.DataFrame(per_task))
+    paths = write_results(table, ctx.run.results, "zero_shot", title=TITLE, per_task=pd.DataFrame(per_task), features_info=feats.info)
     ctx.log("\n" + paths[1].read_text())
     return table, paths
 

@@ -44,26 +44,35 @@ def few_shot_config(run_root: Path):
         return None
 
 
+def features_info(root: Path) -> dict | None:
+    """The run's features/info.json (None when absent): it names the split `given`."""
+    import json
+
+    path = root / "features" / "info.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def render_run(root: Path) -> list[tuple[str, Path, str]]:
     """Redraw every table and figure of the run from its CSVs; returns (section, figure, table Markdown) per result."""
     import pandas as pd
 
     from orchestrator.storage.atomic import atomic_path, write_text
-    from pipelines.core import results
+    from pipelines.core import names, results
     from pipelines.episodic import report as fewshot_report
     from pipelines.evaluate import TITLE
     from pipelines.sweeps import results as sweep_results
     from pipelines.sweeps.trial import DONE, per_task_table
 
-    out = []
+    out, info = [], features_info(root)
     zs = root / "results" / "zero_shot.csv"
     if zs.exists():
         tasks = zs.with_name("zero_shot" + results.TASKS_SUFFIX + ".csv")
         per_task = pd.read_csv(tasks) if tasks.exists() else None
-        md, png = results.render(pd.read_csv(zs), zs.parent, "zero_shot", TITLE, per_task)
+        md, png = results.render(pd.read_csv(zs), zs.parent, "zero_shot", TITLE, per_task, features_info=info)
         out.append(("Zero-shot", png, md.read_text()))
     for csv in sorted((root / "sweeps").glob("*/results.csv")):
         table, name, png = pd.read_csv(csv), csv.parent.name, csv.parent / "curve.png"
+        table = names.resolve_given(table, info)  # for display only: the CSVs are not rewritten
         done = [csv.parent / DONE / f"{k}.json" for k in table["key"]]
         per_task = per_task_table(csv.parent, list(table["key"])) if all(p.exists() for p in done) else None
         chosen = sweep_results.choose(table)  # the CSVs stay as the sweep wrote them

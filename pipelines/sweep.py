@@ -150,7 +150,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     # one column order whatever the methods' order: trial, sampling settings, training overrides, results
     settings = sweep_results.setting_columns(table)
     table = table[["method", "split", "seed", *settings, *(c for c in table.columns if c not in {"method", "split", "seed", *settings})]]
-    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name, per_task_table(sweep_dir, list(table["key"])))
+    info = ctx.run.features / "info.json"
+    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name, per_task_table(sweep_dir, list(table["key"])),
+                                        json.loads(info.read_text()) if info.exists() else None)
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
         ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
                 f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'])} %")

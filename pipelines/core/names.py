@@ -71,6 +71,18 @@ def split_name(split: str) -> str:
     return SPLITS.get(split, f"{split} split")
 
 
+def given_as(features_info: dict) -> str:
+    """What the split `given` (the features' own) is called in every output: the features' split mode, e.g. `random`."""
+    return (features_info or {}).get("suite_info", {}).get("split_mode", "given")
+
+
+def resolve_given(table, features_info: dict | None):
+    """A copy of `table` for display, its split `given` renamed by `given_as` (the CSVs keep `given`)."""
+    if features_info is None or "split" not in table or not (table["split"] == "given").any():
+        return table
+    return table.assign(split=table["split"].replace("given", given_as(features_info)))
+
+
 def pct(x: float, digits: int = 1) -> str:
     """A fraction as a percentage without the sign: 0.9406 -> `94.1`; NaN -> `n/a`."""
     return "n/a" if x is None or x != x else f"{100 * x:.{digits}f}"

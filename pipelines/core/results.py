@@ -129,8 +129,10 @@ def caption(s: pd.DataFrame, table: pd.DataFrame, by_task: bool, group: str = "s
 
 
 def write_results(table: pd.DataFrame, folder: Path, stem: str, title: str, per_task: pd.DataFrame | None = None,
-                  group: str = "split") -> list[Path]:
-    """`<stem>.csv`, `<stem>_tasks.csv` (with per-task accuracies), `<stem>.md` and `<stem>.png`; returns their paths."""
+                  group: str = "split", features_info: dict | None = None) -> list[Path]:
+    """`<stem>.csv`, `<stem>_tasks.csv` (with per-task accuracies), `<stem>.md` and `<stem>.png`; returns their paths.
+
+    `features_info` (the features' info.json) names the split `given` in the Markdown and the chart."""
     folder.mkdir(parents=True, exist_ok=True)
     csv, md, png = (folder / f"{stem}.{ext}" for ext in ("csv", "md", "png"))
     with atomic_path(csv) as tmp:
@@ -140,14 +142,16 @@ def write_results(table: pd.DataFrame, folder: Path, stem: str, title: str, per_
         paths.append(folder / f"{stem}{TASKS_SUFFIX}.csv")
         with atomic_path(paths[-1]) as tmp:
             per_task.to_csv(tmp, index=False)
-    render(table, folder, stem, title, per_task, group)
+    render(table, folder, stem, title, per_task, group, features_info)
     return paths
 
 
 def render(table: pd.DataFrame, folder: Path, stem: str, title: str, per_task: pd.DataFrame | None = None,
-           group: str = "split") -> list[Path]:
+           group: str = "split", features_info: dict | None = None) -> list[Path]:
     """The Markdown table and the chart from the CSV data alone (no training): `<stem>.md`, `<stem>.png`."""
     md, png = folder / f"{stem}.md", folder / f"{stem}.png"
+    table = names.resolve_given(table, features_info)
+    per_task = None if per_task is None else names.resolve_given(per_task, features_info)
     write_text(md, markdown(table, title, per_task, group))
     bar_chart(table, png, title, per_task, group)
     return [md, png]

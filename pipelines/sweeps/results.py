@@ -189,16 +189,20 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str,
     return True
 
 
-def write(table: pd.DataFrame, folder: Path, name: str, per_task: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[Path]]:
-    """results.csv, results.md and curve.png under `folder` (CIs over tasks and seeds with `per_task`); returns (chosen, paths)."""
+def write(table: pd.DataFrame, folder: Path, name: str, per_task: pd.DataFrame | None = None,
+          features_info: dict | None = None) -> tuple[pd.DataFrame, list[Path]]:
+    """results.csv, results.md and curve.png under `folder` (CIs over tasks and seeds with `per_task`); returns (chosen, paths).
+
+    `features_info` (the features' info.json) names the split `given` in the Markdown and the plot; the CSVs keep it."""
     chosen = choose(table)
     csv, md, png = folder / "results.csv", folder / "results.md", folder / "curve.png"
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
     with atomic_path(folder / "chosen.csv") as tmp:
         chosen.to_csv(tmp, index=False)
-    write_text(md, markdown(table, chosen, name, per_task))
+    shown, shown_chosen = names.resolve_given(table, features_info), names.resolve_given(chosen, features_info)
+    write_text(md, markdown(shown, shown_chosen, name, per_task))
     paths = [csv, folder / "chosen.csv", md]
-    if curve_plot(table, chosen, png, name, per_task):
+    if curve_plot(shown, shown_chosen, png, name, per_task):
         paths.append(png)
     return chosen, paths
