@@ -93,6 +93,37 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
     return out
 
 
+def highlights(root: Path) -> list[str]:
+    """One line per split: the best zero-shot method, and the best generative route with γ chosen on validation."""
+    import pandas as pd
+
+    from pipelines.core import names
+    from pipelines.zeroshot.methods import METHODS
+
+    from pipelines.sweeps.results import choose
+
+    zs, sweep = root / "results" / "zero_shot.csv", root / "sweeps" / "gamma" / "results.csv"
+    if not zs.exists():
+        return []
+    info = features_info(root)
+    t = names.resolve_given(pd.read_csv(zs), info)
+    c = names.resolve_given(choose(pd.read_csv(sweep)), info) if sweep.exists() else None
+    lines = []
+    for split, g in t[~t["method"].isin(["chance", "oracle"])].groupby("split", sort=False):
+        means = g.groupby(["method", g["guidance_scale"].fillna(-1)])["accuracy"].mean()
+        (m, gs), best = means.idxmax(), means.max()
+        line = (f"- {names.split_name(split).capitalize()}: best zero-shot method {names.method_name(m, None if gs < 0 else gs)}, "
+                f"{names.pct(best)} %")
+        if c is not None:
+            routes = c[(c["split"] == split) & c["method"].map(lambda x: METHODS[x].group in ("hnet", "hvae") if x in METHODS else False)]
+            if len(routes):
+                r = routes.loc[routes["test_mean"].idxmax()]
+                line += (f"; best generative route with its setting chosen on validation {names.method_name(r['method'])} "
+                         f"({r['setting'].replace('guidance_scale=', 'γ = ')}), {names.pct(r['test_mean'])} %")
+        lines.append(line + ".")
+    return lines
+
+
 def page(root: Path, parts: list[tuple[str, Path, str]], out: Path) -> str:
     """The results page: how the run was made, then each result's figure and table."""
     from pipelines.core.config import read_yaml_mapping
@@ -107,6 +138,9 @@ def page(root: Path, parts: list[tuple[str, Path, str]], out: Path) -> str:
              "All accuracies are query accuracies in percent on held-out meta-test tasks. Each table says how many "
              "tasks and seeds it averages; 95 % confidence intervals come from a bootstrap over tasks and seeds "
              "(over seed means where a run kept no per-task accuracies), beside the std over seeds.", ""]
+    glance = highlights(root)
+    if glance:
+        lines += ["At a glance (mean over seeds):", "", *glance, ""]
     for title, png, md in parts:
         lines += [f"## {title}", ""]
         if png is not None:
