@@ -50,8 +50,17 @@ def summary(table: pd.DataFrame, per_task: pd.DataFrame | None = None, group: st
 
 
 def seeds_text(table: pd.DataFrame) -> str:
+    """`3 seeds (0, 1, 2)` or `1 seed (0)`."""
     seeds = sorted(table["seed"].dropna().unique())
-    return "1 seed" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(str(int(x)) for x in seeds)})"
+    listed = ", ".join(str(int(x)) for x in seeds)
+    return f"1 seed ({listed})" if len(seeds) == 1 else f"{len(seeds)} seeds ({listed})"
+
+
+def spread_text(table: pd.DataFrame) -> str:
+    """How a cell's mean and spread were taken: `mean over 3 seeds (0, 1, 2) ± std over seeds`, or one seed's value."""
+    if table["seed"].dropna().nunique() <= 1:
+        return f"the value of {seeds_text(table)} (no std over seeds)"
+    return f"mean over {seeds_text(table)} ± std over seeds"
 
 
 def markdown(table: pd.DataFrame, title: str, per_task: pd.DataFrame | None = None, group: str = "split") -> str:
@@ -62,7 +71,7 @@ def markdown(table: pd.DataFrame, title: str, per_task: pd.DataFrame | None = No
     over = "tasks and seeds" if per_task is not None else "seed means (this run saved no per-task accuracies)"
     lines = [f"# {title}", "",
              f"Query accuracy (%) averaged over the meta-test tasks of each split: {tasks} tasks. "
-             f"Mean over {seeds_text(table)} ± std over seeds; in brackets the 95 % CI from a bootstrap over {over}.", "",
+             f"Cells: {spread_text(table)}; in brackets the 95 % CI from a bootstrap over {over}.", "",
              "| route | method | " + " | ".join(names.split_name(c) for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for (_, name), g in s.groupby(["method", "name"], sort=False):
         cell = {r[group]: f"{names.mean_spread(r['mean'], r['std'], r['seeds'])} {names.interval(r['ci_low'], r['ci_high'])}"

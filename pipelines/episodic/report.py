@@ -41,14 +41,14 @@ def markdown(table, cfg=None) -> str:
     import pandas as pd
 
     from pipelines.core import names
-    from pipelines.core.results import seeds_text
+    from pipelines.core.results import spread_text
 
     s, cis = summary(table), seed_cis(table)
     ks = sorted(table["shots"].unique())
     episodes = int(table["episodes"].iloc[0]) if "episodes" in table else 0
     lines = [f"# Few-shot query accuracy: {table['suite'].iloc[0]}", "",
              setup_text(cfg) + f"Query accuracy (%) over {episodes} meta-test episodes (tasks drawn from the meta-test "
-             f"tasks) per seed. Mean over {seeds_text(table)} ± std over seeds, the 95 % CI of a bootstrap over seeds and "
+             f"tasks) per seed. Cells: {spread_text(table)}, the 95 % CI of a bootstrap over seeds and "
              "episodes in brackets; per seed: mean ± 95 % CI (1.96 std/sqrt(n)) over episodes. "
              "Chance has no seed: its cell is the episodes' CI.", ""]
     for split in dict.fromkeys(table["split"]):

@@ -14,7 +14,7 @@ import pandas as pd
 from orchestrator.storage.atomic import atomic_path, write_text
 from pipelines.core import names
 from pipelines.core.bootstrap import seed_ci, table_ci
-from pipelines.core.results import seeds_text
+from pipelines.core.results import seeds_text, spread_text
 from pipelines.sweeps.spec import SAMPLING
 
 X_ORDER = ("guidance_scale", "guidance_steps", "guidance_lr", "guidance_l2", "sampler_steps", "sampler")
@@ -62,9 +62,8 @@ def choose(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def pct(m, s=None) -> str:
-    if pd.isna(m):
-        return "n/a"
-    return f"{100 * m:.2f}" + ("" if s is None else f" ± {100 * (0 if pd.isna(s) else s):.2f}")
+    """`73.2` or `73.2 ± 1.3` (percent)."""
+    return names.pct(m) + ("" if s is None or pd.isna(m) else f" ± {names.pct(0 if pd.isna(s) else s)}")
 
 
 def test_ci(table: pd.DataFrame, per_task: pd.DataFrame | None = None) -> dict:
@@ -92,7 +91,7 @@ def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str, per_task: pd.
     over = "tasks and seeds" if per_task is not None else "the seed means"
     tasks = "; ".join(f"{names.split_name(sp)}: {int(g['n_val'].iloc[0])} validation and {int(g['n_test'].iloc[0])} meta-test tasks"
                       for sp, g in table.groupby("split", sort=False))
-    lines = [f"# Sweep `{name}`", "", f"Query accuracy (%), mean over {seeds_text(table)} ± std over seeds, averaged over "
+    lines = [f"# Sweep `{name}`", "", f"Query accuracy (%), {spread_text(table)}, averaged over "
              f"the tasks of each split ({tasks}). `val`: held-out meta-train tasks (settings are chosen there); "
              f"`meta-test`: meta-test tasks, with the 95 % CI of a bootstrap over {over} in brackets.", "",
              "## Chosen on the validation tasks", "",

@@ -82,7 +82,7 @@ def test_one_seed_says_so_instead_of_a_zero_std(tmp_path):
     r = report("--run-dir", run, "--out", docs)
     assert r.returncode == 0, r.stderr
     zs = (run / "results" / "zero_shot.md").read_text()
-    assert "± 0.0" not in zs and "(1 seed) [" in zs and "Mean over 1 seed" in zs
+    assert "± 0.0" not in zs and "(1 seed) [" in zs and "the value of 1 seed (0)" in zs
     sweep_md = (run / "sweeps" / "gamma" / "results.md").read_text()
     assert "(1 seed)" in sweep_md and "bootstrap over the seed means" in sweep_md  # no per-task records here
     page = (docs / "results.md").read_text()
