@@ -155,7 +155,7 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
                                         json.loads(info.read_text()) if info.exists() else None)
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
         ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
-                f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'])} %")
+                f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'] if c['seeds'] > 1 else None)} %")
     return SweepOutput(table, chosen, paths, state["mlflow_parent"], sum(int(r.get("reused", 0)) for r in rows))
 
 
