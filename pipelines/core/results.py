@@ -70,7 +70,7 @@ def markdown(table: pd.DataFrame, title: str, per_task: pd.DataFrame | None = No
     tasks = ", ".join(f"{int(s.loc[s[group] == c, 'tasks'].iloc[0])} ({names.split_name(c)})" for c in cols)
     over = "tasks and seeds" if per_task is not None else "seed means (this run saved no per-task accuracies)"
     lines = [f"# {title}", "",
-             f"Query accuracy (%) averaged over the meta-test tasks of each split: {tasks} tasks. "
+             f"Query accuracy (%) averaged over each split's meta-test tasks; tasks per split: {tasks}. "
              f"Cells: {spread_text(table)}; in brackets the 95 % CI from a bootstrap over {over}.", "",
              "| route | method | " + " | ".join(names.split_name(c) for c in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for (_, name), g in s.groupby(["method", "name"], sort=False):

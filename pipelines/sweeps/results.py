@@ -6,6 +6,7 @@ setting in sorted order (e.g. the smaller γ).
 """
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -141,7 +142,7 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str,
     dashes = ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (12, 3)), (0, (3, 1, 3, 4))]
     flat = [m for m in methods if names.route(m) != "reference" and not table.loc[table["method"] == m, x].notna().any()]
     style = {m: dashes[[f for f in flat if names.route(f) == names.route(m)].index(m) % len(dashes)] for m in flat}
-    fig, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits) + 0.5, 5.2), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(5 * len(splits) + 0.5, 9.5), 5.2), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits):
         t = table[table["split"] == split]
         for method in methods:
@@ -178,8 +179,9 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str,
     fig.legend(handles, labels, fontsize=7.5, loc="lower center", ncol=3, frameon=False, bbox_to_anchor=(0.5, 0.04))
     fig.suptitle(f"Sweep {name}: accuracy on {n_test} meta-test tasks, {seeds_text(table)}", fontsize=11)
     over = "tasks and seeds" if per_task is not None else "the seed means"
-    fig.text(0.01, 0.005, f"Lines: mean over seeds; bands: 95 % bootstrap CI over {over}. Colour = route "
-             "(blue HNet, orange HVAE, grey baselines); black dashed: chance, black dotted: oracle.", fontsize=7)
+    fig.text(0.01, 0.005, textwrap.fill(f"Lines: mean over seeds; bands: 95 % bootstrap CI over {over}. Colour = route "
+             "(blue HNet, orange HVAE, grey baselines); black dashed: chance, black dotted: oracle.",
+                                        width=int(17 * fig.get_figwidth())), fontsize=7)
     rows = -(-len(labels) // 3)
     fig.tight_layout(rect=(0, 0.06 + 0.035 * rows, 1, 0.97))
     with atomic_path(path) as tmp:

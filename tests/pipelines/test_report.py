@@ -63,7 +63,7 @@ def test_report_redraws_tables_and_figures_and_writes_the_page(tmp_path):
     for png in ("results/zero_shot.png", "results/few_shot.png", "sweeps/gamma/curve.png"):
         assert (run / png).read_bytes()[:8] == PNG
     zs = (run / "results" / "zero_shot.md").read_text()
-    assert "6 (random split), 5 (compositional split) tasks" in zs and "3 seeds (0, 1, 2)" in zs
+    assert "tasks per split: 6 (random split), 5 (compositional split)" in zs and "3 seeds (0, 1, 2)" in zs
     assert "bootstrap over tasks and seeds" in zs
     row = next(line for line in zs.splitlines() if line.startswith("| Baselines | Text-conditioned HNet |"))
     mean, low, high = (float(x) for x in (row.split("|")[3].split()[0], *row.split("[")[1].split("]")[0].split(", ")))
