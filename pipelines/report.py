@@ -150,8 +150,8 @@ def page(root: Path, parts: list[tuple[str, Path, str]], out: Path) -> str:
         lines += [f"## {title}", ""]
         if png is not None:
             lines += [f"![{title}]({os.path.relpath(png, out)})", ""]
-        body = demote(md).splitlines()
-        lines += [line for line in body if not line.startswith("## ")][0:] + [""]  # the page's own heading replaces the table's
+        body = "\n".join(line for line in demote(md).splitlines() if not line.startswith("## "))  # the page's heading replaces the table's
+        lines += [body.strip(), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
