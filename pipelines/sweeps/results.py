@@ -86,6 +86,18 @@ def cell(mean, std, seeds, ci) -> str:
     return f"{spread} {names.interval(ci.low, ci.high)}"
 
 
+def display_order(df: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
+    """Rows by split as the sweep ran them, then methods route by route (the CSVs keep their own order)."""
+    split_rank = {s: i for i, s in enumerate(dict.fromkeys(table["split"]))}
+    method_rank = {m: i for i, m in enumerate(names.route_order(dict.fromkeys(table["method"])))}
+    keys = df.assign(_s=df["split"].map(split_rank), _m=df["method"].map(method_rank))
+    return df.loc[keys.sort_values(["_s", "_m"], kind="stable").index]
+
+
+def shown(setting: str) -> str:
+    return setting.replace("guidance_scale=", "γ = ")
+
+
 def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str, per_task: pd.DataFrame | None = None) -> str:
     """The chosen settings first (what to report), then every setting's validation and meta-test accuracy."""
     cis = test_ci(table, per_task)
@@ -98,16 +110,16 @@ def markdown(table: pd.DataFrame, chosen: pd.DataFrame, name: str, per_task: pd.
              "## Chosen on the validation tasks", "",
              "| split | method | chosen setting | val | meta-test at chosen | seeds | best on meta-test (not a fair choice) |",
              "|---|---|---|---|---|---|---|"]
-    for _, r in chosen.iterrows():
-        best = f"{r['best_test_setting']}: {pct(r['best_test_mean'])}" if r["settings_tried"] > 1 else "-"
+    for _, r in display_order(chosen, table).iterrows():
+        best = f"{shown(r['best_test_setting'])}: {pct(r['best_test_mean'])}" if r["settings_tried"] > 1 else "-"
         ci = cis[(r["split"], r["method"], r["setting"])]
-        lines.append(f"| {names.split_name(r['split'])} | {names.method_name(r['method'])} | {r['setting']} | {pct(r['val_mean'])} | "
+        lines.append(f"| {names.split_name(r['split'])} | {names.method_name(r['method'])} | {shown(r['setting'])} | {pct(r['val_mean'])} | "
                      f"**{cell(r['test_mean'], r['test_std'], r['seeds'], ci)}** | {r['seeds']} | {best} |")
     lines += ["", "## Every setting", "", "| split | method | setting | val | meta-test | seeds |", "|---|---|---|---|---|---|"]
-    for _, r in settings_summary(table).iterrows():
+    for _, r in display_order(settings_summary(table), table).iterrows():
         ci = cis[(r["split"], r["method"], r["setting"])]
         val = f"{pct(r['val_mean'])} (1 seed)" if r["seeds"] <= 1 else pct(r["val_mean"], r["val_std"])
-        lines.append(f"| {names.split_name(r['split'])} | {names.method_name(r['method'])} | {r['setting']} | {val} | "
+        lines.append(f"| {names.split_name(r['split'])} | {names.method_name(r['method'])} | {shown(r['setting'])} | {val} | "
                      f"{cell(r['test_mean'], r['test_std'], r['seeds'], ci)} | {r['seeds']} |")
     return "\n".join(lines) + "\n"
 
