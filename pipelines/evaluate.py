@@ -3,7 +3,8 @@
     python -m pipelines.evaluate --run-dir runs/default --set guidance_scales=0,1,4 --set sampling.sampler=ddpm
 
 Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accuracy, n_tasks),
-`results/zero_shot.md` (mean ± std over seeds) and `results/zero_shot.png`; the means go to MLflow,
+`results/zero_shot_tasks.csv` (the same, one row per meta-test task: the bootstrap CI resamples them),
+`results/zero_shot.md` (mean ± std over seeds, 95 % CI) and `results/zero_shot.png`; the means go to MLflow,
 and each generative method's trained models, per split and seed, become MLflow logged models
 (`log_models`; README, "Python API").
 Beside them, from the same generated networks: `results/memorisation.{csv,md}` (distances to the
@@ -39,6 +40,7 @@ class EvaluateConfig:
 
 
 CONFIG = EvaluateConfig
+TITLE = "Zero-shot query accuracy on meta-test tasks"
 NEEDS_RAY = False
 PRESETS = {"smoke": {"guidance_scales": (0.0, 1.0), "sampling": {"guidance_steps": 5, "sampler_steps": 5}},
            "default": dict()}
@@ -47,33 +49,35 @@ PRESETS = {"smoke": {"guidance_scales": (0.0, 1.0), "sampling": {"guidance_steps
 def evaluate_split(data, models, cfg: EvaluateConfig, suite: str, ablation: dict | None = None) -> dict[str, list[dict]]:
     """Rows of one split and seed: every method of the registry, HyperLDM once per guidance scale.
 
-    {"zero_shot": accuracy rows, "memorisation": distance rows of each generated set of networks,
-    "description_ablation": accuracy under each of `ablation`'s conditions ({name: c [T, d]}; None: skipped)}.
+    {"zero_shot": accuracy rows, "per_task": the same per meta-test task, "memorisation": distance rows of
+    each generated set of networks, "description_ablation": accuracy under each of `ablation`'s conditions
+    ({name: c [T, d]}; None: skipped)}.
     """
     from models.zeroshot.tasks import task_accuracy
     from pipelines.zeroshot import description_ablation, memorisation
     from pipelines.zeroshot.methods import METHODS, accuracy, generate
 
-    out = {"zero_shot": [], "memorisation": [], "description_ablation": []}
-    key = dict(suite=suite, split=data.name, seed=models.seed)
+    out = {"zero_shot": [], "per_task": [], "memorisation": [], "description_ablation": []}
+    where = dict(suite=suite, split=data.name, seed=models.seed)
     for name, m in METHODS.items():
         scales = cfg.guidance_scales if "guidance_scale" in m.uses else (None,)
         for g in scales:
             s = cfg.sampling if g is None else dataclasses.replace(cfg.sampling, guidance_scale=g)
-            row = dict(key, guidance_scale=g)
+            row = dict(where, guidance_scale=g)
             if m.weights is None:
-                acc = float(accuracy(name, models, data.test, data.w_test, s).mean())
+                acc = accuracy(name, models, data.test, data.w_test, s)  # [T]
             else:
                 w = generate(name, models, data.test.c, s)
-                acc = float(task_accuracy(data.test, w).mean())
+                acc = task_accuracy(data.test, w)  # [T]
                 out["memorisation"] += memorisation.rows(data, name, w, row)
                 if ablation and m.conditioned:
-                    accs = {k: acc if k == "own" else float(task_accuracy(data.test, generate(name, models, c, s)).mean())
+                    accs = {k: float(acc.mean()) if k == "own" else float(task_accuracy(data.test, generate(name, models, c, s)).mean())
                             for k, c in ablation.items()}
                     out["description_ablation"] += description_ablation.rows(dict(row, n_tasks=data.test.batch.n), name, accs)
-            out["zero_shot"].append(dict(suite=suite, split=data.name, method=name, guidance_scale=g, seed=models.seed,
-                                         accuracy=acc, n_tasks=data.test.batch.n))
-    out["memorisation"] += memorisation.reference_rows(data, dict(key, guidance_scale=None))
+            key = dict(suite=suite, split=data.name, method=name, guidance_scale=g, seed=models.seed)
+            out["zero_shot"].append(dict(**key, accuracy=float(acc.mean()), n_tasks=data.test.batch.n))
+            out["per_task"] += [dict(**key, task=t, accuracy=float(a)) for t, a in zip(data.test_ids, acc.tolist())]
+    out["memorisation"] += memorisation.reference_rows(data, dict(where, guidance_scale=None))
     return out
 
 
@@ -90,7 +94,7 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
 
     feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run.features)
     splits, seeds = read_plan(ctx.run)
-    rows = {"zero_shot": [], "memorisation": [], "description_ablation": []}
+    rows = {"zero_shot": [], "per_task": [], "memorisation": [], "description_ablation": []}
     encoder = description_ablation.text_encoder(feats.info) if cfg.description_ablation else None
     for split in splits:
         data = load_split(ctx.run, split, feats)
@@ -101,7 +105,8 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
                 rows[k] += v
             ctx.log(f"evaluate: {split} seed {seed} done; chosen on validation: {models.tuned}")
     table = pd.DataFrame(rows["zero_shot"])
-    paths = write_results(table, ctx.run.results, "zero_shot", title="Zero-shot query accuracy on meta-test tasks")
+    paths = write_results(table, ctx.run.results, "zero_shot", title=TITLE, per_task=pd.DataFrame(rows["per_task"]),
+                          features_info=feats.info)
     ctx.log("\n" + paths[1].read_text())
     paths += memorisation.write(pd.DataFrame(rows["memorisation"]), ctx.run.results)
     ctx.log("\n" + paths[-1].read_text())

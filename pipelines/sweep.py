@@ -100,7 +100,7 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     from orchestrator.sweep import concurrency, read_state, run_trials, write_state
     from pipelines.sweeps import results as sweep_results
     from pipelines.sweeps.spec import expand, spec_hash
-    from pipelines.sweeps.trial import DONE, run_trial, trial_fields
+    from pipelines.sweeps.trial import DONE, per_task_table, run_trial, trial_fields
 
     splits, seeds = plan_scope(cfg, ctx.run)
     sweep_dir = ctx.run.sweep(cfg.name)
@@ -153,10 +153,12 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     # one column order whatever the methods' order: trial, sampling settings, training overrides, results
     settings = sweep_results.setting_columns(table)
     table = table[["method", "split", "seed", *settings, *(c for c in table.columns if c not in {"method", "split", "seed", *settings})]]
-    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name)
+    info = ctx.run.features / "info.json"
+    chosen, paths = sweep_results.write(table, sweep_dir, cfg.name, per_task_table(sweep_dir, list(table["key"])),
+                                        json.loads(info.read_text()) if info.exists() else None)
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():
         ctx.log(f"sweep {cfg.name}: {c['split']} {c['method']}: chose {c['setting']} on validation "
-                f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'])} %")
+                f"({sweep_results.pct(c['val_mean'])} %); meta-test {sweep_results.pct(c['test_mean'], c['test_std'] if c['seeds'] > 1 else None)} %")
     return SweepOutput(table, chosen, paths, state["mlflow_parent"], sum(int(r.get("reused", 0)) for r in rows))
 
 

@@ -1,10 +1,10 @@
-"""Every stage's fields as `--help` text and as the README's configuration tables, from the configs themselves.
+"""Every stage's fields as `--help` text and as the configuration reference's tables, from the configs themselves.
 
-    python -m pipelines.core.config_docs            # rewrite the README's tables
+    python -m pipelines.core.config_docs            # rewrite the tables in docs/configuration.md
     python -m pipelines.core.config_docs --check    # exit 1 when they are stale
 
 Type, bounds and role come from a field's annotation, the meaning from its docstring, the defaults
-from the presets: edit a docstring, then rerun this (a test fails while the README disagrees).
+from the presets: edit a docstring, then rerun this (a test fails while the page disagrees).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 from pipelines.core import config as C
 from pipelines.core.config_errors import bounds_of, unwrap
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+CONFIG_DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 BEGIN = "<!-- config-tables:begin -->"  # generated: edit the field docstrings, then run python -m pipelines.core.config_docs
 END = "<!-- config-tables:end -->"
 
@@ -114,24 +114,24 @@ def markdown_tables() -> str:
     return "\n".join(out)
 
 
-def readme_section(text: str) -> str:
-    """The generated part of a README text (between the markers)."""
+def generated_section(text: str) -> str:
+    """The generated part of the page's text (between the markers)."""
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{README}: the markers {BEGIN!r} and {END!r} are missing")
+        raise SystemExit(f"{CONFIG_DOC}: the markers {BEGIN!r} and {END!r} are missing")
     return text.split(BEGIN, 1)[1].split(END, 1)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Rewrite the README's tables (or, with --check, only compare them)."""
+    """Rewrite the page's tables (or, with --check, only compare them)."""
     argv = sys.argv[1:] if argv is None else argv
-    text = README.read_text()
+    text = CONFIG_DOC.read_text()
     fresh = "\n" + markdown_tables() + "\n"
     if "--check" in argv:
-        ok = readme_section(text) == fresh
-        print("README configuration tables are " + ("up to date" if ok else "stale: run python -m pipelines.core.config_docs"))
+        ok = generated_section(text) == fresh
+        print(f"{CONFIG_DOC.name}: configuration tables are " + ("up to date" if ok else "stale: run python -m pipelines.core.config_docs"))
         return 0 if ok else 1
     head, rest = text.split(BEGIN, 1)
-    README.write_text(head + BEGIN + fresh + END + rest.split(END, 1)[1])
+    CONFIG_DOC.write_text(head + BEGIN + fresh + END + rest.split(END, 1)[1])
     return 0
 
 

@@ -206,6 +206,10 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
                 ctx.timings[f"{s}_s"] = time.perf_counter() - t0
                 ctx.log(f"stage {s}: done in {ctx.timings[f'{s}_s']:.1f}s")
             log_datasets(ctx)
+            if prog == "full":  # the run's results page, from the files its stages just wrote
+                from pipelines.report import write_page
+
+                ctx.log(f"results page: {write_page(run.root)}")
             ctx.timings["total_s"] = time.perf_counter() - t_start
             ctx.tracker.metrics({f"time_{k}": v for k, v in ctx.timings.items()})
             write_json(run.timings, ctx.timings)

@@ -13,68 +13,117 @@ def summary(table):
     return out
 
 
-def markdown(table, cfg) -> str:
-    """The few-shot tables, one per split: mean ± std over seeds per K, then each seed's accuracy ± 95% CI."""
+def seed_cis(table) -> dict:
+    """{(split, method, K): CI} of the mean over seeds: seeds resampled, each seed's mean redrawn within its episode CI."""
+    from pipelines.core.bootstrap import bootstrap_ci_se
+
+    return {k: bootstrap_ci_se(g["accuracy"].to_numpy(), g["ci95"].to_numpy() / 1.96)
+            for k, g in table.groupby(["split", "method", "shots"], sort=False)}
+
+
+def setup_text(cfg) -> str:
+    """How the numbers were made: episodes, meta-training budgets, fine-tuning (empty without the stage's config)."""
+    if cfg is None:
+        return ""
+    return (f"Meta-test episodes per (split, method, K, seed): {cfg.eval_episodes}, {cfg.queries} queries each; "
+            "meta-training steps x episodes: " + ", ".join(
+                f"{s.train_steps} x {s.tasks_per_batch} for {name} (lr {s.lr:g})" for name, s in (
+                    ("HyperMAML", cfg.hypermaml), ("HyperTransformer", cfg.hypertransformer), ("MetaDiff", cfg.metadiff),
+                    ("MAML and FOMAML", cfg.maml)))
+            + f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}. "
+            f"Fine-tuning: a zero-shot model's weights for the task, then {cfg.finetune.steps} gradient steps "
+            f"(lr {cfg.finetune.lr:g}) on the support set; HNet + HyperLDM: from the description (γ 1, "
+            f"{cfg.finetune.ldm_steps} DDIM steps), support-guided: plus support-loss guidance (scale {cfg.finetune.ldm_support_scale:g}). ")
+
+
+def markdown(table, cfg=None) -> str:
+    """The few-shot tables, one per split, in percent: mean ± std over seeds [95 % CI], then each seed ± its episode CI."""
     import pandas as pd
 
-    s = summary(table)
-    ks = list(cfg.shots)
+    from pipelines.core import names
+    from pipelines.core.results import spread_text
+
+    s, cis = summary(table), seed_cis(table)
+    ks = sorted(table["shots"].unique())
+    episodes = int(table["episodes"].iloc[0]) if "episodes" in table else 0
     lines = [f"# Few-shot query accuracy: {table['suite'].iloc[0]}", "",
-             f"Meta-test episodes per (split, method, K, seed): {cfg.eval_episodes}, {cfg.queries} queries each; "
-             "meta-training steps x episodes: " + ", ".join(
-                 f"{s.train_steps} x {s.tasks_per_batch} for {name} (lr {s.lr:g})" for name, s in (
-                     ("HyperMAML", cfg.hypermaml), ("HyperTransformer", cfg.hypertransformer), ("MetaDiff", cfg.metadiff),
-                     ("MAML and FOMAML", cfg.maml)))
-             + f"{' (one model per seed for all K)' if cfg.mixed_shots else ''}; seeds {list(cfg.seeds)}. "
-             f"finetune_*: a zero-shot model's weights for the task, then {cfg.finetune.steps} gradient steps "
-             f"(lr {cfg.finetune.lr:g}) on the support set; hnet_hyperldm: HyperLDM from the description (γ 1, "
-             f"{cfg.finetune.ldm_steps} DDIM steps), _support_guided: plus support-loss guidance (scale {cfg.finetune.ldm_support_scale:g}). "
-             "Mean ± std over seeds; per seed: mean ± 95% CI (1.96 std/sqrt(n)) over episodes.", ""]
+             setup_text(cfg) + f"Query accuracy (%) over {episodes} meta-test episodes (tasks drawn from the meta-test "
+             f"tasks) per seed. Cells: {spread_text(table)}, the 95 % CI of a bootstrap over seeds and "
+             "episodes in brackets; per seed: mean ± 95 % CI (1.96 std/sqrt(n)) over episodes. "
+             "Chance has no seed: its cell is the episodes' CI.", ""]
     for split in dict.fromkeys(table["split"]):
         t_split = table[table["split"] == split]
-        lines += [f"## {split} split", "",
-                  "| method | " + " | ".join(f"{k}-shot" for k in ks) + " | " + " | ".join(f"{k}-shot per seed" for k in ks) + " |",
-                  "|---" * (1 + 2 * len(ks)) + "|"]
-        for method in dict.fromkeys(t_split["method"]):
+        lines += [f"## {names.split_name(split)}", "",
+                  "| route | method | " + " | ".join(f"{k}-shot" for k in ks) + " | " + " | ".join(f"{k}-shot per seed" for k in ks) + " |",
+                  "|---" * (2 + 2 * len(ks)) + "|"]
+        for method in names.route_order(dict.fromkeys(t_split["method"])):
             cells, seeds = [], []
             for k in ks:
                 r = s[(s["split"] == split) & (s["method"] == method) & (s["shots"] == k)].iloc[0]
-                cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}" if r["n"] > 1 else f"{r['mean']:.3f}")
+                ci = cis[(split, method, k)]
+                if r["n"] > 1:
+                    cells.append(f"{names.mean_spread(r['mean'], r['std'], r['n'])} {names.interval(ci.low, ci.high)}")
+                elif method == "chance":
+                    cells.append(f"{names.pct(r['mean'])} ± {names.pct(r['ci95'])}")
+                else:
+                    cells.append(f"{names.pct(r['mean'])} (1 seed) {names.interval(ci.low, ci.high)}")
                 t = t_split[(t_split["method"] == method) & (t_split["shots"] == k)]
-                seeds.append(", ".join(("" if pd.isna(x.seed) else f"s{x.seed}: ") + f"{x.accuracy:.3f} ± {x.ci95:.3f}"
+                seeds.append(", ".join(("" if pd.isna(x.seed) else f"s{x.seed}: ") + f"{names.pct(x.accuracy)} ± {names.pct(x.ci95)}"
                                        for x in t.itertuples()))
-            lines.append(f"| {method} | " + " | ".join(cells) + " | " + " | ".join(seeds) + " |")
+            route = names.ROUTES[names.route(method)][0]
+            lines.append(f"| {route} | {names.method_name(method)} | " + " | ".join(cells) + " | " + " | ".join(seeds) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def plot(table, path: Path, cfg) -> None:
-    """Grouped bars per split: mean accuracy per method and K, error bars = std over seeds (chance: its CI)."""
+def plot(table, path: Path, cfg=None) -> None:
+    """One panel per split: a bar per (method, K), one colour per route (K = 1 hatched), 95 % CI error bars, chance line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    s = summary(table)
+    from pipelines.core import names
+    from pipelines.core.results import seeds_text
+
+    s, cis = summary(table), seed_cis(table)
+    ks = sorted(table["shots"].unique())
     splits = list(dict.fromkeys(table["split"]))
-    methods = list(dict.fromkeys(table["method"]))
-    fig, axes = plt.subplots(len(splits), 1, figsize=(1.2 * len(methods) + 2, 3.4 * len(splits)), squeeze=False)
-    width = 0.8 / len(cfg.shots)
+    methods = [m for m in names.route_order(dict.fromkeys(table["method"])) if m != "chance"]
+    fig, axes = plt.subplots(len(splits), 1, figsize=(max(0.9 * len(methods) + 3, 9), 3.6 * len(splits) + 1.2), squeeze=False)
+    width = 0.8 / len(ks)
+    hatches = ["//", "", "..", "xx"]
     for ax, split in zip(axes[:, 0], splits):
         here = [m for m in methods if ((s["split"] == split) & (s["method"] == m)).any()]
-        for i, k in enumerate(cfg.shots):
-            r = s[(s["split"] == split) & (s["shots"] == k)].set_index("method").loc[here]
-            err = np.where(r["n"] > 1, r["std"].fillna(0), r["ci95"])
-            ax.bar(np.arange(len(here)) + (i - (len(cfg.shots) - 1) / 2) * width, r["mean"], width, yerr=err,
-                   capsize=3, label=f"{k}-shot")
-        ax.set_xticks(np.arange(len(here)), here, rotation=25, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_ylabel("query accuracy")
-        ax.set_title(f"few-shot, {table['suite'].iloc[0]} ({split} split)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, format="png")
+        for i, k in enumerate(ks):
+            r = s[(s["split"] == split) & (s["shots"] == k)].set_index("method").reindex(here)
+            lo, hi = np.array([cis[(split, m, k)].low for m in here]), np.array([cis[(split, m, k)].high for m in here])
+            err = [100 * (r["mean"] - lo), 100 * (hi - r["mean"])]
+            ax.bar(np.arange(len(here)) + (i - (len(ks) - 1) / 2) * width, 100 * r["mean"], width, yerr=err, capsize=2,
+                   color=[names.route_colour(m) for m in here], edgecolor="white", hatch=hatches[i % len(hatches)])
+        chance = s[(s["split"] == split) & (s["method"] == "chance")]["mean"]
+        if len(chance):
+            ax.axhline(100 * chance.mean(), color="black", ls="--", lw=1.2)
+        ax.set_xticks(np.arange(len(here)), [names.method_name(m) for m in here], rotation=25, ha="right", fontsize=8)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("query accuracy (%)")
+        ax.set_title(names.split_name(split), fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    used = [r for r in names.ROUTES if r != "reference" and any(names.route(m) == r for m in methods)]
+    handles = [Patch(color=names.ROUTES[r][1], label=names.ROUTES[r][0]) for r in used]
+    handles += [Patch(facecolor="lightgray", edgecolor="white", hatch=hatches[i % len(hatches)], label=f"{k}-shot") for i, k in enumerate(ks)]
+    handles.append(Line2D([], [], color="black", ls="--", label="chance"))
+    height = fig.get_figheight()
+    fig.suptitle(f"Few-shot query accuracy, {table['suite'].iloc[0]}", y=1 - 0.08 / height, va="top", fontsize=11)
+    fig.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False, bbox_to_anchor=(0.5, 1 - 0.3 / height))
+    episodes = int(table["episodes"].iloc[0])
+    fig.text(0.01, 0.005, f"Bars: mean over {seeds_text(table)} of the accuracy over {episodes} meta-test episodes. Error bars: "
+             "95 % bootstrap CI over seeds and episodes. Dashed: chance.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.2 / height, 1, 1 - 0.6 / height))
+    fig.savefig(path, dpi=150, format="png")
     plt.close(fig)
 
 

@@ -23,6 +23,7 @@ from pipelines.zeroshot.methods import METHODS, accuracy
 from pipelines.zeroshot.sampling import SamplingSettings
 
 DONE = "done"
+TASKS = "test_tasks"  # in a trial's done record only: {task id: meta-test accuracy}, for the bootstrap CI
 TRAIN = "train"
 TRAIN_STAGES = ("generators", "hyperclip", "hyperldm", "baselines")  # in pipeline order
 DEPENDENTS = {"generators": ("hyperclip", "hyperldm")}  # retraining generators changes the routes these use
@@ -84,14 +85,14 @@ def run_trial(trial: dict) -> dict:
     sweep_dir = Path(trial["sweep_dir"])
     done = sweep_dir / DONE / f"{trial['key']}.json"
     if done.exists():
-        return {**json.loads(done.read_text()), "reused": 1}
+        return {**{k: v for k, v in json.loads(done.read_text()).items() if k != TASKS}, "reused": 1}
     torch.set_num_threads(max(1, int(trial.get("threads", 1))))
     t0 = time.perf_counter()
     run = trained_run(trial, RunDir(Path(trial["run_dir"])), sweep_dir)
     models = trained_models(run, trial["split"], trial["seed"])
     data = models.data
     sampling = SamplingSettings(**{k: v for k, v in trial["params"].items() if k in fields(SamplingSettings)})
-    out = {}
+    out, per_task = {}, {}
     parts = {"val": (data.val, data.w_val), "test": (data.test, data.w_test)}
     for name, (part, w_experts) in parts.items():
         if part is None:  # a run made without a validation split: nothing to choose on
@@ -99,9 +100,24 @@ def run_trial(trial: dict) -> dict:
             continue
         acc = accuracy(trial["method"], models, part, w_experts, sampling)
         out[f"{name}_accuracy"], out[f"n_{name}"] = float(acc.mean()), int(part.batch.n)
+        if name == "test":
+            per_task = dict(zip(data.test_ids, acc.tolist()))
     out["trial_seconds"] = time.perf_counter() - t0
-    write_json(done, out)
-    return {**out, "reused": 0}
+    write_json(done, {**out, TASKS: per_task})
+    return {**out, "reused": 0}  # Tune gets the scalars; the per-task accuracies stay in the record
+
+
+def per_task_table(sweep_dir: Path, keys: list[str]):
+    """One row per (trial key, task) from the trials' done records; None when a record has none (an older sweep)."""
+    import pandas as pd
+
+    rows = []
+    for key in keys:
+        tasks = json.loads((sweep_dir / DONE / f"{key}.json").read_text()).get(TASKS)
+        if not tasks:
+            return None
+        rows += [{"key": key, "task": t, "test_accuracy": a} for t, a in tasks.items()]
+    return pd.DataFrame(rows)
 
 
 def trial_fields(trial: dict) -> dict:

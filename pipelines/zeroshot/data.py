@@ -162,5 +162,5 @@ def save_model(path: Path, state: dict[str, torch.Tensor], config: dict) -> None
 def load_model(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state, config) saved by `save_model`."""
     if not path.exists():
-        raise ZeroShotError(f"missing model {path}: run the stage that trains it (see README, 'Zero-shot stages')")
+        raise ZeroShotError(f"missing model {path}: run the stage that trains it (see docs/methods.md, 'Zero-shot weight generation')")
     return load_file(str(path)), json.loads(path.with_suffix(".json").read_text())

@@ -62,9 +62,9 @@ def rows(key: dict, method: str, accuracy: dict[str, float]) -> list[dict]:
 
 def write(table, folder):
     """results/description_ablation.{csv,md}: methods as rows, (split, condition or drop) as columns."""
-    from pipelines.core.results import write_results
+    from pipelines.core.results import measure_table
 
     table = table.assign(column=[f"{s} {m}" for s, m in zip(table["split"], table["measure"])])
-    return write_results(table, folder, "description_ablation", group="column", value="value",
+    return measure_table(table, folder, "description_ablation", group="column",
                          unit="query accuracy and its drop from the own description, points",
                          title="Description ablation: own description, another task's, a random string")

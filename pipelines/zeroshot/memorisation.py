@@ -38,9 +38,9 @@ def reference_rows(data: SplitData, key: dict) -> list[dict]:
 
 def write(table, folder):
     """results/memorisation.{csv,md}: methods as rows, (split, measure) as columns."""
-    from pipelines.core.results import write_results
+    from pipelines.core.results import measure_table
 
     table = table.assign(column=[f"{s} {SHORT[m]}" for s, m in zip(table["split"], table["measure"])])
-    return write_results(table, folder, "memorisation", group="column", value="value", scale=1.0,
+    return measure_table(table, folder, "memorisation", group="column", scale=1.0,
                          unit="cosine and normalised L2 in the normalised weight space, mean over meta-test tasks",
                          title="Memorisation: generated networks vs the meta-train experts and the task's own expert")

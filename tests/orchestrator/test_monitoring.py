@@ -1,7 +1,7 @@
 """Monitoring as a user meets it, on one private Ray: the dashboard needs the token (and a run says where
 it is), a private Ray is never joined by another run, and the metrics are real: a real Prometheus with
 Ray's generated scrape configuration scrapes a smoke farm and a Ray Train job, the counts equal the
-store's, every metric the Grafana dashboard queries is there, and the README documents each exactly
+store's, every metric the Grafana dashboard queries is there, and docs/monitoring.md documents each exactly
 (names, labels) as scraped."""
 from __future__ import annotations
 
@@ -101,9 +101,9 @@ def progress_loop(config: dict) -> None:
 
 
 def readme_metrics() -> dict[str, set[str]]:
-    """README's metric table: exported name -> the labels it documents (Ray's own listed once, below it)."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+    """The monitoring page's metric table: exported name -> the labels it documents (Ray's own listed once, below it)."""
+    text = (ROOT / "docs" / "monitoring.md").read_text()
+    section = text.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(ray_[a-z_]+)` \|[^|]*\|[^|]*\| ([^|]*)\|", section, re.MULTILINE)
     return {name: set(re.findall(r"`([A-Za-z_]+)`", labels)) for name, labels in rows}
 
@@ -191,7 +191,7 @@ def test_prometheus_scrapes_metrics_that_agree_with_the_store(private_ray, run_d
         missing = [m for m in sorted(queried) if not query(port, f'count({{__name__="{m}"}})')]
         assert not missing, f"queried by configs/grafana/weightgen.json but not scraped: {missing}"
 
-        # the README documents each metric's exported name and labels exactly as scraped
+        # docs/monitoring.md documents each metric's exported name and labels exactly as scraped
         documented = readme_metrics()
         recorded = {n for name, (kind, _, _) in {**FARM, **TRAIN}.items() for n in exported(name, kind)}
         assert set(documented) == recorded, (sorted(documented), sorted(recorded))
@@ -200,7 +200,7 @@ def test_prometheus_scrapes_metrics_that_agree_with_the_store(private_ray, run_d
             series = query(port, f'{name}{{run=~"{run}|t"}}')
             assert series, f"{name} is documented but not scraped"
             seen = set(series[0]["metric"]) - PROMETHEUS_LABELS
-            assert seen == labels | RAY_LABELS - EMPTY_LABELS, f"{name}: stored labels {sorted(seen)}, README {sorted(labels)}"
+            assert seen == labels | RAY_LABELS - EMPTY_LABELS, f"{name}: stored labels {sorted(seen)}, docs {sorted(labels)}"
             if name in raw or name.startswith("ray_farm_"):  # a finished Ray Train worker's gauges have left the endpoint
                 assert raw.get(name) == labels | RAY_LABELS, f"{name}: scraped labels {sorted(raw.get(name, []))}"
         # the labels say who did the work: actor names, the nodes' ids, the stage

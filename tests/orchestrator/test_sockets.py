@@ -1,5 +1,5 @@
 """Loopback where it can be: every listening socket of a run's processes during a smoke farm, read from
-/proc, is on 127.0.0.1 and is one the README's security table names (process, count)."""
+/proc, is on 127.0.0.1 and is one the security table of docs/reliability.md names (process, count)."""
 from __future__ import annotations
 
 import os
@@ -72,7 +72,7 @@ def listeners(root: int) -> list[tuple[int, str, str, int]]:
 
 
 def kind(pid: int, cmd: str, driver: int) -> str:
-    """The README table's name for the process holding a socket."""
+    """The security table's name for the process holding a socket."""
     if pid == driver:
         return "driver"
     exe = cmd.split(" ", 1)[0]
@@ -92,8 +92,8 @@ def kind(pid: int, cmd: str, driver: int) -> str:
 
 
 def readme_table() -> dict[str, tuple[str, int]]:
-    """The README's security table: process -> (interface, ports per process)."""
-    text = (ROOT / "README.md").read_text().split("### Security: what a run listens on", 1)[1]
+    """The security table of docs/reliability.md: process -> (interface, ports per process)."""
+    text = (ROOT / "docs" / "reliability.md").read_text().split("## Security: what a run listens on", 1)[1]
     rows = re.findall(r"^\| `([^`]+)`[^|]*\| ([^|]+) \| (\d+)", text, re.MULTILINE)
     return {name: (iface.strip(), int(n)) for name, iface, n in rows}
 
@@ -135,9 +135,9 @@ def test_every_listening_socket_of_a_smoke_farm_is_loopback_and_documented(smoke
     for (pid, _), k in seen.items():
         per_process[(k, pid)] = per_process.get((k, pid), 0) + 1
     for (k, pid), n in sorted(per_process.items()):
-        assert k in table, f"a listener the README does not name: {k} (pid {pid})"
-        assert n == table[k][1], f"{k} (pid {pid}) listens on {n} port(s); the README says {table[k][1]}"
+        assert k in table, f"a listener docs/reliability.md does not name: {k} (pid {pid})"
+        assert n == table[k][1], f"{k} (pid {pid}) listens on {n} port(s); docs/reliability.md says {table[k][1]}"
     kinds = {k for k, _ in per_process}
-    assert kinds == set(table), f"README rows never seen: {set(table) - kinds}; seen: {kinds}"
+    assert kinds == set(table), f"documented rows never seen: {set(table) - kinds}; seen: {kinds}"
     first_eta = re.search(r"first ETA after ([\d.]+)s", "".join(lines))
     assert first_eta, "the farm reports when it first had an ETA"

@@ -1,5 +1,5 @@
 """The config layer in process: pinned hashes, result vs runtime fields, nested --set, --print-config and
---config, the run's config record, the README tables, and the few-shot defaults the results depend on."""
+--config, the run's config record, the configuration reference's tables, and the few-shot defaults the results depend on."""
 from __future__ import annotations
 
 import dataclasses
@@ -35,11 +35,11 @@ def test_farm_and_features_hashes_are_pinned(preset):
     assert config_hash(build_config(experts.ExpertsConfig, experts.PRESETS, preset, ["shard_size=8"]), fh) != config_hash(e, fh)
 
 
-def test_readme_tables_match_the_configs():
-    from pipelines.core.config_docs import README, markdown_tables, readme_section
+def test_configuration_reference_tables_match_the_configs():
+    from pipelines.core.config_docs import CONFIG_DOC, generated_section, markdown_tables
 
-    assert readme_section(README.read_text()) == "\n" + markdown_tables() + "\n", \
-        "README configuration tables are stale: run python -m pipelines.core.config_docs"
+    assert generated_section(CONFIG_DOC.read_text()) == "\n" + markdown_tables() + "\n", \
+        "docs/configuration.md tables are stale: run python -m pipelines.core.config_docs"
 
 
 def test_roles_and_result_values():

@@ -50,8 +50,15 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     oracle = table.loc[table["method"] == "oracle", "accuracy"].iloc[0]
     assert oracle > table.loc[table["method"] == "chance", "accuracy"].iloc[0]
     md = (run_dir / "results" / "zero_shot.md").read_text()
-    assert "| hnet_hyperldm (γ=1) |" in md
+    assert "| HNet route | HNet + HyperLDM (γ = 1) |" in md and "95 % CI" in md
     assert (run_dir / "results" / "zero_shot.png").read_bytes()[:4] == b"\x89PNG"
+    # per-task accuracies average to the per-seed table exactly; the run's results page links every figure
+    per_task = pd.read_csv(run_dir / "results" / "zero_shot_tasks.csv")
+    means = per_task.groupby(["split", "method", "seed", per_task["guidance_scale"].fillna(-1)])["accuracy"].mean()
+    assert len(means) == len(table) and (per_task.groupby("seed")["task"].nunique() == table["n_tasks"].iloc[0]).all()
+    assert abs(means.mean() - table["accuracy"].mean()) < 1e-6
+    page = (run_dir / "results.md").read_text()
+    assert all(f"]({p})" in page for p in ("results/zero_shot.png", "results/few_shot.png", "sweeps/gamma/curve.png"))
     evaluate = children["evaluate"]
     assert "given/oracle" in evaluate.data.metrics
     assert {"zero_shot.csv", "zero_shot.md", "zero_shot.png"} <= {a.path for a in client.list_artifacts(evaluate.info.run_id)}

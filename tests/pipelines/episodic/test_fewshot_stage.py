@@ -54,7 +54,9 @@ def test_smoke_preset_writes_a_valid_table_and_resumes(ray_cluster, run_dir_with
     assert (csv["episodes"] == cfg.eval_episodes).all()
     assert set(csv["suite"]) == {"procedural"} and set(csv["split"]) == {"random"}
     md = (results / "few_shot.md").read_text()
-    assert all(f"| {m} |" in md for m in (*cfg.methods, "chance"))
+    from pipelines.core.names import method_name
+
+    assert all(f"| {method_name(m)} |" in md for m in (*cfg.methods, "chance"))
     assert (results / "few_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     metrics, artifacts = fewshot.track(out, ctx)

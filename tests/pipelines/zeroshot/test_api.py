@@ -38,7 +38,7 @@ def run_images(run_dir: Path, n: int) -> list[str]:
 def test_readme_python_api_example_runs(smoke_pipeline):
     run_dir = finished(smoke_pipeline)
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Python API"):]
+    section = readme[readme.index("\n## Python API"):]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     assert len(code.strip().splitlines()) <= 10, code
     # The smoke run's only split is "given", and its images stand in for the example's files.
