@@ -21,6 +21,8 @@ METHODS: dict[str, tuple[str, str]] = {
     "chance": ("Chance", "reference"),
     "oracle": ("Oracle (per-task expert)", "reference"),
     "nearest_task": ("Nearest meta-train task", "baseline"),
+    "nearest_task_noise": ("Nearest expert + noise", "baseline"),
+    "nearest_k_average": ("Average of k nearest experts", "baseline"),
     "multitask": ("Multitask (ignores the task)", "baseline"),
     "maml_zero_shot": ("MAML init (zero-shot)", "baseline"),
     "text_hnet": ("Text-conditioned HNet", "baseline"),

@@ -140,7 +140,7 @@ def test_prometheus_scrapes_metrics_that_agree_with_the_store(private_ray, run_d
     from orchestrator.storage.store import WeightStore
     from orchestrator.storage.suite_features import SuiteFeatures
     from pipelines import experts
-    from pipelines.core.cli import build_config
+    from pipelines.core.config import build_config
     from tests.orchestrator.multinode import free_port
 
     try:

@@ -100,7 +100,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
     assert "1 of 1 models up to date, 0 to train" in r.stderr
-    assert "sweep gamma: all 12 trials already done" in r.stderr
+    assert "sweep gamma: all 14 trials already done" in r.stderr
 
 
 def tree_digest(root: Path) -> dict[str, str]:
