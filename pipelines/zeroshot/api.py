@@ -70,8 +70,8 @@ class Run:
         if "config" not in self.info:
             raise ConfigError(f"{info_file} does not record its features config; rerun the features stage of that run")
         self.layout = WeightLayout(store_spec(self.dir))
-        self._text, self._image = text_encoder, image_encoder
-        for kind, enc in (("text", text_encoder), ("image", image_encoder)):
+        self._encoders = {"text": text_encoder, "image": image_encoder}
+        for kind, enc in self._encoders.items():
             if enc is not None:
                 self._check_encoder(kind, enc)
         self._data, self._models = {}, {}
@@ -125,25 +125,24 @@ class Run:
             raise RunMismatchError(f"{kind} encoder {enc.id!r} does not match the run's {want!r} "
                                    f"(recorded in {self.dir.features / 'info.json'}); use the run's encoder settings")
 
+    def _encoder(self, kind: str):
+        """The run's `kind` encoder: built from its recorded settings on first use, checked against its id."""
+        if self._encoders.get(kind) is None:
+            from pipelines import features
+
+            self._encoders[kind] = getattr(features, f"make_{kind}_encoder")(self.features_config())
+            self._check_encoder(kind, self._encoders[kind])
+        return self._encoders[kind]
+
     @property
     def text_encoder(self):
-        """The run's text encoder (built from its recorded settings on first use, checked against its id)."""
-        if self._text is None:
-            from pipelines.features import make_text_encoder
-
-            self._text = make_text_encoder(self.features_config())
-            self._check_encoder("text", self._text)
-        return self._text
+        """The run's text encoder (built on first use, checked against the run's id)."""
+        return self._encoder("text")
 
     @property
     def image_encoder(self):
-        """The run's image encoder (built from its recorded settings on first use, checked against its id)."""
-        if self._image is None:
-            from pipelines.features import make_image_encoder
-
-            self._image = make_image_encoder(self.features_config())
-            self._check_encoder("image", self._image)
-        return self._image
+        """The run's image encoder (built on first use, checked against the run's id)."""
+        return self._encoder("image")
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         """Text embeddings [n, d_txt] from the run's text encoder, in one batch."""
