@@ -316,7 +316,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
                     mean, ci = T.mean_ci95(acc)
                     rows.append(dict(split=label, method=method, shots=k, seed=seed, accuracy=mean, ci95=ci,
                                      episodes=len(acc), train_s=train_s, eval_s=eval_s))
-                    ctx.log(f"  {label} {method} K={k} seed {seed}: {mean:.3f} ± {ci:.3f}")
+                    ctx.log(f"  {label} {method} K={k} seed {seed}: {100 * mean:.1f} % ± {100 * ci:.1f} (95 % CI half-width)")
                     # with mixed shots one training serves every K: count its time once
                     timings[method] = timings.get(method, 0.0) + eval_s + (train_s if k == cfg.shots[0] or not cfg.mixed_shots else 0.0)
         test_pool = pools[split]["meta_test"]

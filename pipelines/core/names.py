@@ -20,6 +20,7 @@ ROUTES: dict[str, tuple[str, str]] = {
 METHODS: dict[str, tuple[str, str]] = {
     "chance": ("Chance", "reference"),
     "oracle": ("Oracle (per-task expert)", "reference"),
+    "train_experts": ("Meta-train experts (reference)", "reference"),
     "nearest_task": ("Nearest meta-train task", "baseline"),
     "nearest_task_noise": ("Nearest expert + noise", "baseline"),
     "nearest_k_average": ("Average of k nearest experts", "baseline"),

@@ -174,7 +174,7 @@ def measure_table(table: pd.DataFrame, folder: Path, stem: str, title: str, grou
     csv, md = folder / f"{stem}.csv", folder / f"{stem}.md"
     with atomic_path(csv) as tmp:
         table.to_csv(tmp, index=False)
-    t = table.assign(label=[method_label(m, g, pretty=True) for m, g in zip(table["method"], table["guidance_scale"])])
+    t = table.assign(label=[names.method_name(m, g) for m, g in zip(table["method"], table["guidance_scale"])])
     cols = list(dict.fromkeys(t[group]))
     s = t.groupby(["label", group], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
     lines = [f"# {title}", "", f"{spread_text(table).capitalize()} ({unit}).", "",

@@ -82,7 +82,7 @@ def test_evaluate_on_a_finished_run_adds_tables_and_keeps_every_accuracy(smoke_p
     copies = memo[(memo["method"] == "nearest_task") & (memo["measure"] == "l2_nearest_train")]["value"]
     assert (copies.abs() < 1e-4).all()  # a retrieved expert is a meta-train expert
     assert (memo[(memo["method"] == "train_experts") & (memo["measure"] == "l2_nearest_train")]["value"] > 0).all()
-    assert "| train_experts |" in (run_dir / "results" / "memorisation.md").read_text()
+    assert "| Meta-train experts (reference) |" in (run_dir / "results" / "memorisation.md").read_text()
     abl = pd.read_csv(run_dir / "results" / "description_ablation.csv")
     assert set(abl["method"]) == set(CONDITIONED) and "multitask" not in set(abl["method"])
     wide = abl.pivot_table(index=["method", abl["guidance_scale"].fillna(-1)], columns="measure", values="value")
