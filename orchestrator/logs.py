@@ -96,7 +96,9 @@ def setup(run_dir) -> Path:
     moment the run has its Ray (`capture_ray`) or ends normally with a logs folder. Returns the folder."""
     from orchestrator.storage.rundir import RunDir
 
-    logs = RunDir.of(run_dir).logs
+    global _timings
+    run = RunDir.of(run_dir)
+    logs, _timings = run.logs, run.timings
     _file_handler(logs)
     # MLflow logs its store set-up at INFO on the console ("Creating initial MLflow database tables...").
     import orchestrator.tracking.tracker  # noqa: F401 - sets MLflow's environment, then imports it
@@ -121,6 +123,7 @@ def _file_handler(logs: Path) -> DeferredFile:
 
 
 _STARTED = time.time()
+_timings: Path | None = None  # the run's timings.json, set by `setup`
 
 
 @atexit.register
@@ -128,9 +131,8 @@ def _at_exit() -> None:
     """A run without Ray that finished (it wrote timings.json) keeps its driver log too."""
     if _handler is None:
         return
-    timings = _handler.path.parent.parent / "timings.json"
-    with contextlib.suppress(OSError):
-        if _handler.target is None and timings.stat().st_mtime >= _STARTED:
+    with contextlib.suppress(OSError, AttributeError):
+        if _handler.target is None and _timings.stat().st_mtime >= _STARTED:
             _handler.open()
     _handler.close()
 

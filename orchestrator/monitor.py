@@ -26,6 +26,8 @@ import urllib.request
 from pathlib import Path
 
 from models.errors import UserError
+from orchestrator.logs import RAY_JSON
+from orchestrator.storage.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "configs" / "grafana" / "weightgen.json"
@@ -75,10 +77,15 @@ def install_prometheus(log=print) -> str:
     return found
 
 
+def prometheus_home(run_dir: Path) -> Path:
+    """Where the monitor keeps Prometheus's config, data and state for a run: inside the run's logs."""
+    return RunDir(run_dir).logs / "prometheus"
+
+
 def read_session(run_dir: Path) -> dict | None:
     """The run's Ray session (logs/ray.json, written when the run connects), if it is still there."""
     try:
-        info = json.loads((Path(run_dir) / "logs" / "ray.json").read_text())
+        info = json.loads((RunDir(run_dir).logs / RAY_JSON).read_text())
     except (OSError, ValueError):
         return None
     config = info.get("prometheus_config")
@@ -167,7 +174,7 @@ def wait_for_last_scrape(run_dir: Path, export_interval_s: float, log=print, lim
     target after Ray's last export (values recorded now reach the metrics agent within one export
     interval). Without this, a short run's final counts never reach Prometheus. False when it gave up."""
     try:
-        state = json.loads((Path(run_dir) / "logs" / "prometheus" / STATE).read_text())
+        state = json.loads((prometheus_home(run_dir) / STATE).read_text())
     except (OSError, ValueError):
         return True
     if not _alive(int(state.get("pid", 0))):
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except MonitorError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    home = run_dir / "logs" / "prometheus"
+    home = prometheus_home(run_dir)
     config = home / "prometheus.yml"
     session = read_session(run_dir)
     if session is None:

@@ -175,8 +175,10 @@ def check_writable(folder: Path, name: str) -> None:
 
 def saved_config_hash(folder: Path) -> str | None:
     """The config hash recorded in a features folder's info.json; None when missing or unreadable (then rebuilt)."""
+    from orchestrator.storage.suite_features import info_path
+
     try:
-        return json.loads((folder / "info.json").read_text()).get("config_hash")
+        return json.loads(info_path(folder).read_text()).get("config_hash")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -265,7 +267,7 @@ def track(feats, ctx: RunContext) -> tuple[dict[str, float], list[Path]]:
         m[f"tasks_{split}"] = int(n)
     m["answers_per_task_mean"] = float(t["answers"].map(len).mean())
     m["support_per_task_mean"] = float(t["support_images"].map(len).mean())
-    return m, [ctx.run.features / "info.json"]
+    return m, [ctx.run.features_info]
 
 
 def main() -> int:

@@ -153,7 +153,7 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
     # one column order whatever the methods' order: trial, sampling settings, training overrides, results
     settings = sweep_results.setting_columns(table)
     table = table[["method", "split", "seed", *settings, *(c for c in table.columns if c not in {"method", "split", "seed", *settings})]]
-    info = ctx.run.features / "info.json"
+    info = ctx.run.features_info
     chosen, paths = sweep_results.write(table, sweep_dir, cfg.name, per_task_table(sweep_dir, list(table["key"])),
                                         json.loads(info.read_text()) if info.exists() else None)
     for _, c in chosen[chosen["settings_tried"] > 1].iterrows():

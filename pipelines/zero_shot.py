@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from orchestrator.storage.atomic import write_text
+    from orchestrator.storage.rundir import RunDir
     from orchestrator.storage.store import WeightStore
     from pipelines.zeroshot.api import load_run
     from pipelines.suites.taskfile import read_task_file
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         support_acc=float("nan"), support_loss=float("nan"), query_acc=a, query_loss=float("nan"),
         config_hash=f"zero-shot:{args.method}:{guidance:g}:{split}:{seed}",
     ) for t, (a, _, _) in zip(suite.tasks, scores)])
-    store = WeightStore(out / "store" / "weights")
+    store = WeightStore(RunDir(out).store)  # the output folder keeps a run directory's store layout
     w = torch.stack([n.w for n in nets])  # [n_tasks, P]
     store.write_shard(f"zero-shot-{args.method}", meta, w.numpy(),
                       {"source_run": str(run.dir.root), "method": args.method})

@@ -66,6 +66,13 @@ class RunDir:
         return self._inputs().root / "features"
 
     @property
+    def features_info(self) -> Path:
+        """The features' `info.json` (encoders, dims, the config hash that made them)."""
+        from orchestrator.storage.suite_features import info_path
+
+        return info_path(self.features)
+
+    @property
     def feature_cache(self) -> Path:
         """The default encoder cache (`features.cache_dir` moves it)."""
         return self._inputs().root / "cache" / "features"
@@ -97,8 +104,12 @@ class RunDir:
     def results(self) -> Path:
         return self.root / "results"
 
+    @property
+    def sweeps(self) -> Path:
+        return self.root / "sweeps"
+
     def sweep(self, name: str) -> Path:
-        return self.root / "sweeps" / name
+        return self.sweeps / name
 
     @property
     def ray_train(self) -> Path:

@@ -22,6 +22,26 @@ from models.expert_training import ExpertBatch, pad_batch
 from orchestrator.storage.arrow_vectors import to_column, to_matrix
 from orchestrator.storage.atomic import atomic_path, write_json
 
+INFO_FILE = "info.json"  # written last: its presence means the folder is complete
+TASKS_FILE = "tasks.parquet"
+
+
+def info_path(folder: Path) -> Path:
+    """The features folder's `info.json`."""
+    return Path(folder) / INFO_FILE
+
+
+def read_info(folder: Path) -> dict | None:
+    """A features folder's info (None when the folder has none yet); a damaged file raises FeaturesError."""
+    path = info_path(folder)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FeaturesError(f"{path} is unreadable ({e}); delete {path.parent} and rerun the features stage") from e
+
+
 TASK_COLUMNS = [
     "id", "description", "split", "answers", "answer_prompts", "concepts",
     "desc_text", "prompt_texts", "support_images", "support_labels", "query_images", "query_labels",
@@ -68,25 +88,25 @@ class SuiteFeatures:
         for name, table in [
             ("images.parquet", vectors_table(self.image_paths, "path", self.image_feats)),
             ("texts.parquet", vectors_table(self.texts, "text", self.text_feats)),
-            ("tasks.parquet", pa.Table.from_pandas(self.tasks[TASK_COLUMNS], preserve_index=False)),
+            (TASKS_FILE, pa.Table.from_pandas(self.tasks[TASK_COLUMNS], preserve_index=False)),
         ]:
             with atomic_path(folder / name) as tmp:
                 pq.write_table(table, tmp)
-        write_json(folder / "info.json", self.info)
+        write_json(info_path(folder), self.info)
 
     @classmethod
     def load(cls, folder: Path) -> "SuiteFeatures":
         """Read a folder written by `save`."""
         folder = Path(folder)
-        if not (folder / "info.json").exists():
+        if not info_path(folder).exists():
             raise FeaturesError(
                 f"no features in {folder}: run `python -m pipelines.features --run-dir {folder.parent}` first"
             )
         try:
             paths, img = read_vectors(folder / "images.parquet", "path")
             texts, txt = read_vectors(folder / "texts.parquet", "text")
-            tasks = pq.read_table(folder / "tasks.parquet").to_pandas()
-            info = json.loads((folder / "info.json").read_text())
+            tasks = pq.read_table(folder / TASKS_FILE).to_pandas()
+            info = json.loads(info_path(folder).read_text())
         except Exception as e:
             raise FeaturesError(f"features in {folder} are unreadable ({e}); delete the folder and rerun the features stage") from e
         for col in ("support_images", "support_labels", "query_images", "query_labels", "prompt_texts"):

@@ -29,13 +29,15 @@ def dataset_inputs(features: Path, tasks_file: Path | None = None) -> list:
     import pyarrow.parquet as pq
     from mlflow.entities import DatasetInput, InputTag
 
+    from orchestrator.storage.suite_features import TASKS_FILE, read_info
+
     # a local path matches MLflow's `file` and `local` sources alike, and it warns about that on every dataset
     warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
     features = Path(features)
-    tasks = features / "tasks.parquet"
+    tasks = features / TASKS_FILE
     if not tasks.exists():
         return []
-    info = json.loads((features / "info.json").read_text()) if (features / "info.json").exists() else {}
+    info = read_info(features) or {}
     suite = (info.get("config") or {}).get("suite", "features")
     df = pq.read_table(tasks, columns=TASK_COLUMNS).to_pandas()
     made = [(mlflow.data.from_pandas(df, source=str(features), name=f"features ({suite})",

@@ -140,7 +140,7 @@ def log_datasets(ctx: RunContext) -> None:
     """The run's features (and the task file they were built from) as dataset inputs of the innermost run."""
     import json
 
-    info = ctx.run.features / "info.json"
+    info = ctx.run.features_info
     if not info.exists():
         return
     tasks_file = (json.loads(info.read_text()).get("config") or {}).get("tasks_file")

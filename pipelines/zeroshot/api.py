@@ -63,7 +63,7 @@ class Run:
 
         self.dir = RunDir.of(root)
         self.splits, self.seeds = read_plan(self.dir)
-        info_file = self.dir.features / "info.json"
+        info_file = self.dir.features_info
         if not info_file.is_file():
             raise ConfigError(f"{self.dir.root} is not a finished run: {info_file} is missing")
         self.info = json.loads(info_file.read_text())
@@ -103,7 +103,9 @@ class Run:
         only where every task of the run used its answers as prompts."""
         import pandas as pd
 
-        tasks = pd.read_parquet(self.dir.features / "tasks.parquet", columns=["answers", "answer_prompts"])
+        from orchestrator.storage.suite_features import TASKS_FILE
+
+        tasks = pd.read_parquet(self.dir.features / TASKS_FILE, columns=["answers", "answer_prompts"])
         seen: dict[str, set[str]] = {}
         for ans, prm in zip(tasks["answers"], tasks["answer_prompts"]):
             for a, p in zip(ans, prm):
@@ -123,7 +125,7 @@ class Run:
         want = self.info[f"{kind}_encoder"]
         if enc.id != want:
             raise RunMismatchError(f"{kind} encoder {enc.id!r} does not match the run's {want!r} "
-                                   f"(recorded in {self.dir.features / 'info.json'}); use the run's encoder settings")
+                                   f"(recorded in {self.dir.features_info}); use the run's encoder settings")
 
     def _encoder(self, kind: str):
         """The run's `kind` encoder: built from its recorded settings on first use, checked against its id."""
