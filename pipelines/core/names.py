@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from pipelines.zeroshot.methods import METHODS as ZERO_SHOT
+
 # route -> (heading, colour); the order is the order of groups in every table and figure
 ROUTES: dict[str, tuple[str, str]] = {
     "reference": ("References", "#4d4d4d"),
@@ -16,22 +18,11 @@ ROUTES: dict[str, tuple[str, str]] = {
     "hvae": ("HVAE route", "#d95f02"),
 }
 
-# method id -> (readable name, route); zero-shot and few-shot ids
+# method id -> (readable name, route): the zero-shot registry's own titles and groups, then the rows that are not
+# zero-shot methods (the memorisation table's reference, the few-shot methods)
 METHODS: dict[str, tuple[str, str]] = {
-    "chance": ("Chance", "reference"),
-    "oracle": ("Oracle (per-task expert)", "reference"),
+    **{m.name: (m.title, m.group) for m in ZERO_SHOT.values()},
     "train_experts": ("Meta-train experts (reference)", "reference"),
-    "nearest_task": ("Nearest meta-train task", "baseline"),
-    "nearest_task_noise": ("Nearest expert + noise", "baseline"),
-    "nearest_k_average": ("Average of k nearest experts", "baseline"),
-    "multitask": ("Multitask (ignores the task)", "baseline"),
-    "maml_zero_shot": ("MAML init (zero-shot)", "baseline"),
-    "text_hnet": ("Text-conditioned HNet", "baseline"),
-    "hnet_hyperclip": ("HNet + HyperCLIP", "hnet"),
-    "hnet_hyperldm": ("HNet + HyperLDM", "hnet"),
-    "hvae_hyperclip": ("HVAE + HyperCLIP", "hvae"),
-    "hvae_hyperldm": ("HVAE + HyperLDM", "hvae"),
-    # few-shot
     "maml": ("MAML", "baseline"),
     "fomaml": ("First-order MAML", "baseline"),
     "finetune_multitask": ("Multitask + fine-tuning", "baseline"),

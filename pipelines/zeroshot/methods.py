@@ -27,6 +27,7 @@ class Method:
     """One row family of the zero-shot table."""
 
     name: str
+    title: str  # what tables and figures call it
     group: str  # route it generates through (hnet, hvae), baseline or reference
     stages: tuple[str, ...]  # training stages whose models it uses (a sweep's training override retrains them)
     uses: tuple[str, ...]  # SamplingSettings fields it reads (a sweep crosses only these)
@@ -99,17 +100,17 @@ def hyperldm(route: str) -> Weights:
 
 # Registry order is the results table's row order.
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("chance", "reference", (), (), None),
-    Method("oracle", "reference", (), (), None),
-    Method("nearest_task", "baseline", (), (), nearest_task),
-    Method("nearest_task_noise", "baseline", (), (), checkpoint_baseline("nearest_task_noise")),
-    Method("nearest_k_average", "baseline", (), (), checkpoint_baseline("nearest_k_average")),
-    Method("multitask", "baseline", ("baselines",), (), baseline("multitask"), conditioned=False),
-    Method("maml_zero_shot", "baseline", ("baselines",), (), baseline("maml"), conditioned=False),
-    Method("text_hnet", "baseline", ("baselines",), (), baseline("text_hnet")),
-    *(Method(f"{r}_{kind}", r, ("generators", kind), uses, make(r))
-      for r in ("hnet", "hvae") for kind, uses, make in (("hyperclip", HYPERCLIP_SETTINGS, hyperclip),
-                                                         ("hyperldm", HYPERLDM_SETTINGS, hyperldm))),
+    Method("chance", "Chance", "reference", (), (), None),
+    Method("oracle", "Oracle (per-task expert)", "reference", (), (), None),
+    Method("nearest_task", "Nearest meta-train task", "baseline", (), (), nearest_task),
+    Method("nearest_task_noise", "Nearest expert + noise", "baseline", (), (), checkpoint_baseline("nearest_task_noise")),
+    Method("nearest_k_average", "Average of k nearest experts", "baseline", (), (), checkpoint_baseline("nearest_k_average")),
+    Method("multitask", "Multitask (ignores the task)", "baseline", ("baselines",), (), baseline("multitask"), conditioned=False),
+    Method("maml_zero_shot", "MAML init (zero-shot)", "baseline", ("baselines",), (), baseline("maml"), conditioned=False),
+    Method("text_hnet", "Text-conditioned HNet", "baseline", ("baselines",), (), baseline("text_hnet")),
+    *(Method(f"{r}_{kind}", f"{r.upper() if r == 'hvae' else 'HNet'} + {title}", r, ("generators", kind), uses, make(r))
+      for r in ("hnet", "hvae") for kind, title, uses, make in (("hyperclip", "HyperCLIP", HYPERCLIP_SETTINGS, hyperclip),
+                                                                ("hyperldm", "HyperLDM", HYPERLDM_SETTINGS, hyperldm))),
 )}
 GENERATIVE = tuple(n for n, m in METHODS.items() if m.weights is not None)
 CONDITIONED = tuple(n for n in GENERATIVE if METHODS[n].conditioned)
