@@ -24,8 +24,8 @@ class ExpertsConfig:
 
     hidden: Annotated[int, Field(ge=1)] = 32
     """task network hidden width, image -> hidden -> text space (128 -> 32 -> 384: 16,800 weights; 53,664 with features.image_dims=0)"""
-    logit_scale: float = 10.0
-    """fixed scale of the cosine logits"""
+    logit_scale: Annotated[float, Field(gt=0.0, le=1000.0)] = 10.0
+    """fixed scale of the cosine logits (0 would make every answer equally likely)"""
     steps: Annotated[int, Field(ge=1)] = 300
     """full-batch Adam steps per expert"""
     lr: Annotated[float, Field(ge=1e-7, le=10.0)] = 1e-3
