@@ -4,7 +4,8 @@
     python -m pipelines.report --run-dir runs/default --out docs      # docs/results.md with figures in docs/figures/
 
 Reads `results/zero_shot.csv` (and `zero_shot_tasks.csv` where the run has it: the CIs then resample
-tasks and seeds), `results/few_shot.csv` and every `sweeps/<name>/results.csv` (with its trials' per-task
+tasks and seeds), `results/memorisation.csv` and `results/description_ablation.csv` (tables
+without figures), `results/few_shot.csv` and every `sweeps/<name>/results.csv` (with its trials' per-task
 accuracies from `done/` where they were recorded), rewrites their `.md`
 and `.png` beside them, and writes one results page linking the figures. `pipelines.full` writes the
 page at the end of a run.
@@ -62,6 +63,7 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
     from pipelines.evaluate import TITLE
     from pipelines.sweeps import results as sweep_results
     from pipelines.sweeps.trial import DONE, per_task_table
+    from pipelines.zeroshot import description_ablation, memorisation
 
     out, info = [], features_info(root)
     zs = RunDir(root).results / "zero_shot.csv"
@@ -70,6 +72,11 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
         per_task = pd.read_csv(tasks) if tasks.exists() else None
         md, png = results.render(pd.read_csv(zs), zs.parent, "zero_shot", TITLE, per_task, features_info=info)
         out.append(("Zero-shot", png, md.read_text()))
+    for section, module in (("Memorisation", memorisation), ("Description ablation", description_ablation)):
+        csv = RunDir(root).results / f"{module.STEM}.csv"
+        if csv.exists():  # tables beside the zero-shot one, from the same generated networks
+            md, = module.write(pd.read_csv(csv), csv.parent, csv=False)
+            out.append((section, None, md.read_text()))
     for csv in sorted(RunDir(root).sweeps.glob("*/results.csv")):
         table, name, png = pd.read_csv(csv), csv.parent.name, csv.parent / "curve.png"
         table = names.resolve_given(table, info)  # for display only: the CSVs are not rewritten

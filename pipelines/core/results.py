@@ -167,13 +167,15 @@ def render(table: pd.DataFrame, folder: Path, stem: str, title: str, per_task: p
 
 
 def measure_table(table: pd.DataFrame, folder: Path, stem: str, title: str, group: str, unit: str,
-                  scale: float = 100.0) -> list[Path]:
+                  scale: float = 100.0, csv: bool = True) -> list[Path]:
     """`<stem>.csv` and `<stem>.md` for a table of measures that are not one accuracy (column `value`):
-    methods as rows, `group` values as columns, cells `mean ± std` over seeds times `scale`."""
+    methods as rows, `group` values as columns, cells `mean ± std` over seeds times `scale`. With `csv`
+    False only the Markdown is (re)written, from a table read back from its CSV."""
     folder.mkdir(parents=True, exist_ok=True)
-    csv, md = folder / f"{stem}.csv", folder / f"{stem}.md"
-    with atomic_path(csv) as tmp:
-        table.to_csv(tmp, index=False)
+    md = folder / f"{stem}.md"
+    if csv:
+        with atomic_path(folder / f"{stem}.csv") as tmp:
+            table.to_csv(tmp, index=False)
     t = table.assign(label=[names.method_name(m, g) for m, g in zip(table["method"], table["guidance_scale"])])
     cols = list(dict.fromkeys(t[group]))
     s = t.groupby(["label", group], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
@@ -189,4 +191,4 @@ def measure_table(table: pd.DataFrame, folder: Path, stem: str, title: str, grou
         cell = {r[group]: spread(r) for _, r in g.iterrows()}
         lines.append(f"| {label} | " + " | ".join(cell.get(c, "") for c in cols) + " |")
     write_text(md, "\n".join(lines) + "\n")
-    return [csv, md]
+    return [folder / f"{stem}.csv", md] if csv else [md]

@@ -60,11 +60,14 @@ def rows(key: dict, method: str, accuracy: dict[str, float]) -> list[dict]:
     return out
 
 
-def write(table, folder):
+STEM = "description_ablation"  # results/<STEM>.csv and .md
+
+
+def write(table, folder, csv: bool = True):
     """results/description_ablation.{csv,md}: methods as rows, (split, condition or drop) as columns."""
     from pipelines.core.results import measure_table
 
     table = table.assign(column=[f"{s} {m}" for s, m in zip(table["split"], table["measure"])])
-    return measure_table(table, folder, "description_ablation", group="column",
+    return measure_table(table, folder, STEM, group="column",
                          unit="query accuracy and its drop from the own description, points",
-                         title="Description ablation: own description, another task's, a random string")
+                         title="Description ablation: own description, another task's, a random string", csv=csv)

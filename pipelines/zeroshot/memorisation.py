@@ -36,11 +36,14 @@ def reference_rows(data: SplitData, key: dict) -> list[dict]:
     return out
 
 
-def write(table, folder):
+STEM = "memorisation"  # results/<STEM>.csv and .md
+
+
+def write(table, folder, csv: bool = True):
     """results/memorisation.{csv,md}: methods as rows, (split, measure) as columns."""
     from pipelines.core.results import measure_table
 
     table = table.assign(column=[f"{s} {SHORT[m]}" for s, m in zip(table["split"], table["measure"])])
-    return measure_table(table, folder, "memorisation", group="column", scale=1.0,
+    return measure_table(table, folder, STEM, group="column", scale=1.0,
                          unit="cosine and normalised L2 in the normalised weight space, mean over meta-test tasks",
-                         title="Memorisation: generated networks vs the meta-train experts and the task's own expert")
+                         title="Memorisation: generated networks vs the meta-train experts and the task's own expert", csv=csv)
