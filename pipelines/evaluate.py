@@ -5,8 +5,8 @@
 Writes `results/zero_shot.csv` (suite, split, method, guidance_scale, seed, accuracy, n_tasks),
 `results/zero_shot_tasks.csv` (the same, one row per meta-test task: the bootstrap CI resamples them),
 `results/zero_shot.md` (mean ± std over seeds, 95 % CI) and `results/zero_shot.png`; the means go to MLflow,
-and each generative method's trained models, per split and seed, become MLflow logged models
-(`log_models`; README, "Python API").
+and the trained generators become MLflow logged models, one per split and seed serving every
+generative method (`log_models`; README, "Python API").
 Beside them, from the same generated networks: `results/memorisation.{csv,md}` (distances to the
 meta-train experts and to each task's own expert) and `results/description_ablation.{csv,md}` (each
 conditioned method given another task's description or a random string). Rerunning this stage on a
@@ -36,7 +36,7 @@ class EvaluateConfig:
     description_ablation: bool = True
     """also score every conditioned method with another task's description and with a random string"""
     log_models: Annotated[bool, Runtime] = True
-    """log each generative method's trained models, per split and seed, as MLflow models (loadable by models:/ URI)"""
+    """log the trained generators as MLflow models, one per split and seed serving every generative method (loadable by models:/ URI)"""
 
 
 CONFIG = EvaluateConfig
@@ -129,28 +129,31 @@ def track(out, ctx: RunContext):
     return m, paths
 
 
+DEFAULT_LOGGED = "hnet_hyperldm"  # the method a logged model's predict uses when not told
+
+
 def log_models(ctx: RunContext, guidance: float) -> None:
-    """Each generative method's models, per split and seed, as an MLflow logged model of this stage's run."""
+    """The generative methods' models, one MLflow logged model per split and seed, of this stage's run."""
     import tempfile
     from pathlib import Path
 
-    from orchestrator.tracking.logged_models import can_log, log_generator
+    from orchestrator.tracking.logged_models import can_log, log_generators
     from pipelines.zeroshot.bundle import write_bundle
     from pipelines.zeroshot.data import read_plan, store_spec
-    from pipelines.zeroshot.methods import GENERATIVE
     from models.task_net import WeightLayout
+    from pipelines.zeroshot.methods import GENERATIVE
 
     if not can_log(ctx.tracker):
         return
+    methods = tuple(sorted(GENERATIVE, key=lambda m: m != DEFAULT_LOGGED))  # the first is predict's default
     splits, seeds = read_plan(ctx.run)
     n_weights = WeightLayout(store_spec(ctx.run)).size
     for split in splits:
         for seed in seeds:
-            for name in GENERATIVE:
-                with tempfile.TemporaryDirectory() as tmp:
-                    bundle = write_bundle(ctx.run, name, split, seed, Path(tmp) / "run")
-                    uri = log_generator(bundle, name, split, seed, guidance, n_weights)
-                ctx.log(f"evaluate: logged model {uri} ({name}, {split}, seed {seed})")
+            with tempfile.TemporaryDirectory() as tmp:
+                bundle = write_bundle(ctx.run, methods, split, seed, Path(tmp) / "run")
+                uri = log_generators(bundle, methods, split, seed, guidance, n_weights)
+            ctx.log(f"evaluate: logged model {uri} (every generator, {split}, seed {seed})")
 
 
 def headline(metrics: dict) -> dict[str, float]:

@@ -1,9 +1,10 @@
 """Trained zero-shot generators as MLflow logged models (models-from-code, weights as safetensors).
 
-Each (method, split, seed) becomes one logged model of the active MLflow run: the code is
-`generator_model.py`, the one artifact a bundle directory (pipelines.zeroshot.bundle). Load one back
-with `mlflow.pyfunc.load_model("models:/<model id>")`; `predict` takes rows of description and
-answers and returns the task networks' weights.
+Each (split, seed) becomes one logged model of the active MLflow run, `generators-<split>-seed<k>`,
+serving every generative method: the code is `generator_model.py`, the one artifact a bundle directory
+(pipelines.zeroshot.bundle). Load one back with `mlflow.pyfunc.load_model("models:/<model id>")`;
+`predict` takes rows of description and answers, and params `method` and `guidance`, and returns the
+task networks' weights.
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema, 
 CODE = Path(__file__).with_name("generator_model.py")
 
 
-def signature(guidance: float, n_weights: int) -> ModelSignature:
-    """Input rows (description, answers), param guidance (γ, default the run's), output weights [rows, P]."""
+def signature(method: str, guidance: float, n_weights: int) -> ModelSignature:
+    """Input rows (description, answers), params method and guidance (γ, default the run's), output weights [rows, P]."""
     import numpy as np
 
     return ModelSignature(
         inputs=Schema([ColSpec("string", "description"), ColSpec(Array("string"), "answers")]),
         outputs=Schema([TensorSpec(np.dtype("float32"), (-1, n_weights))]),
-        params=ParamSchema([ParamSpec("guidance", "double", float(guidance))]),
+        params=ParamSchema([ParamSpec("method", "string", method), ParamSpec("guidance", "double", float(guidance))]),
     )
 
 
@@ -34,8 +35,9 @@ def can_log(tracker) -> bool:
     return bool(getattr(tracker, "online", False) and ref and not ref.startswith("local-") and mlflow.active_run())
 
 
-def log_generator(bundle: Path, method: str, split: str, seed: int, guidance: float, n_weights: int) -> str:
-    """Log one bundle as a models-from-code pyfunc of the active run; returns its `models:/` URI."""
+def log_generators(bundle: Path, methods: tuple[str, ...], split: str, seed: int, guidance: float, n_weights: int) -> str:
+    """Log one bundle as a models-from-code pyfunc of the active run; returns its `models:/` URI. Its default
+    method is the first of `methods`."""
     import importlib.metadata as md
     import warnings
 
@@ -48,9 +50,9 @@ def log_generator(bundle: Path, method: str, split: str, seed: int, guidance: fl
             # encoders at logging time just to check it.
             warnings.simplefilter("ignore", UserWarning)
             info = mlflow.pyfunc.log_model(
-                name=f"{method}-{split}-seed{seed}", python_model=str(CODE), artifacts={"run": str(bundle)},
-                signature=signature(guidance, n_weights), pip_requirements=reqs,
-                tags={"method": method, "split": split, "seed": str(seed)},
+                name=f"generators-{split}-seed{seed}", python_model=str(CODE), artifacts={"run": str(bundle)},
+                signature=signature(methods[0], guidance, n_weights), pip_requirements=reqs,
+                tags={"methods": ",".join(methods), "split": split, "seed": str(seed)},
             )
     finally:
         if bar is None:

@@ -57,7 +57,7 @@ def finetune_rows(
                               for i in range(0, len(eps), cfg.eval_batch)])
         mean, ci = T.mean_ci95(acc)
         rows.append(dict(split=label, method=name, shots=k, seed=seed, accuracy=mean, ci95=ci, episodes=len(acc)))
-        log(f"  {label} {name} K={k} seed {seed}: {mean:.3f} ± {ci:.3f}")
+        log(f"  {label} {name} K={k} seed {seed}: {100 * mean:.1f} % ± {100 * ci:.1f} (95 % CI half-width)")
 
     for seed in seeds:
         models = TrainedModels(run, data, seed)

@@ -70,10 +70,16 @@ LOAD_AND_PREDICT = f"""
 import json
 import mlflow, numpy as np, pandas as pd
 rows = pd.DataFrame({{"description": {list(DESCRIPTIONS)!r}, "answers": {list(DESCRIPTIONS.values())!r}}})
-for uri, out, guidance in CASES:
-    model = mlflow.pyfunc.load_model(uri)
-    np.save(out, model.predict(rows, params={{"guidance": guidance}}))
-    print(json.dumps({{"bundle": str(model.unwrap_python_model().run.dir.root)}}))
+model = mlflow.pyfunc.load_model(URI)
+for method, out, guidance in CASES:
+    np.save(out, model.predict(rows, params={{"method": method, "guidance": guidance}}))
+try:
+    model.predict(rows, params={{"method": "telepathy"}})
+    unknown = ""
+except Exception as e:
+    unknown = str(e)
+print(json.dumps({{"bundle": str(model.unwrap_python_model().run.dir.root),
+                  "methods": list(model.unwrap_python_model().methods), "unknown": unknown}}))
 """
 
 
@@ -86,15 +92,19 @@ def test_logged_models_in_a_fresh_process_give_the_api_weights_bit_for_bit(smoke
 
     run_dir = finished(smoke_pipeline)
     models = logged_models(run_dir)
-    assert {f"{m}-given-seed0" for m in GENERATIVE} <= set(models), sorted(models)  # every method, split and seed
-    cases = [(models[f"{m}-given-seed0"], str(tmp_path / f"{m}.npy"), g) for m, g in CASES.items()]
-    assert all(uri.startswith("models:/") for uri, _, _ in cases)
-    r = python(LOAD_AND_PREDICT.replace("CASES", repr(cases)), env={"MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent / 'mlflow.db'}"})
+    assert "generators-given-seed0" in models, sorted(models)  # one model per split and seed
+    uri = models["generators-given-seed0"]
+    assert uri.startswith("models:/")
+    cases = [(m, str(tmp_path / f"{m}.npy"), g) for m, g in CASES.items()]
+    code = LOAD_AND_PREDICT.replace("CASES", repr(cases)).replace("URI", repr(uri))
+    r = python(code, env={"MLFLOW_TRACKING_URI": f"sqlite:///{run_dir.parent / 'mlflow.db'}"})
     assert r.returncode == 0, r.stderr[-3000:]
-    for line in r.stdout.strip().splitlines()[-len(cases):]:
-        bundle = Path(json.loads(line)["bundle"])
-        assert not bundle.is_relative_to(run_dir / "models") and (bundle / "bundle.json").exists()  # its own copy
-        assert not list(bundle.parent.parent.rglob("*.pkl")), "nothing pickled"
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    bundle = Path(info["bundle"])
+    assert not bundle.is_relative_to(run_dir / "models") and (bundle / "bundle.json").exists()  # its own copy
+    assert not list(bundle.parent.parent.rglob("*.pkl")), "nothing pickled"
+    assert info["methods"][0] == "hnet_hyperldm" and set(info["methods"]) == set(GENERATIVE)  # every generator, one copy
+    assert "not in this model" in info["unknown"]
     run = load_run(run_dir)
     for method, guidance in CASES.items():
         nets = run.generate(list(DESCRIPTIONS), answers=list(DESCRIPTIONS.values()), method=method, guidance=guidance,
