@@ -108,10 +108,11 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
     paths = write_results(table, ctx.run.results, "zero_shot", title=TITLE, per_task=pd.DataFrame(rows["per_task"]),
                           features_info=feats.info)
     ctx.log("\n" + paths[1].read_text())
-    paths += memorisation.write(pd.DataFrame(rows["memorisation"]), ctx.run.results)
+    paths += memorisation.write(pd.DataFrame(rows["memorisation"]), ctx.run.results, features_info=feats.info)
     ctx.log("\n" + paths[-1].read_text())
     if rows["description_ablation"]:
-        paths += description_ablation.write(pd.DataFrame(rows["description_ablation"]), ctx.run.results)
+        paths += description_ablation.write(pd.DataFrame(rows["description_ablation"]), ctx.run.results,
+                                            features_info=feats.info)
         ctx.log("\n" + paths[-1].read_text())
     return table, paths, cfg
 

@@ -75,7 +75,7 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
     for section, module in (("Memorisation", memorisation), ("Description ablation", description_ablation)):
         csv = RunDir(root).results / f"{module.STEM}.csv"
         if csv.exists():  # tables beside the zero-shot one, from the same generated networks
-            md, = module.write(pd.read_csv(csv), csv.parent, csv=False)
+            md, = module.write(pd.read_csv(csv), csv.parent, csv=False, features_info=info)
             out.append((section, None, md.read_text()))
     for csv in sorted(RunDir(root).sweeps.glob("*/results.csv")):
         table, name, png = pd.read_csv(csv), csv.parent.name, csv.parent / "curve.png"

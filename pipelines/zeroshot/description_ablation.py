@@ -63,11 +63,13 @@ def rows(key: dict, method: str, accuracy: dict[str, float]) -> list[dict]:
 STEM = "description_ablation"  # results/<STEM>.csv and .md
 
 
-def write(table, folder, csv: bool = True):
+def write(table, folder, csv: bool = True, features_info: dict | None = None):
     """results/description_ablation.{csv,md}: methods as rows, (split, condition or drop) as columns."""
+    from pipelines.core import names
     from pipelines.core.results import measure_table
 
-    table = table.assign(column=[f"{s} {m}" for s, m in zip(table["split"], table["measure"])])
+    shown = names.resolve_given(table, features_info)["split"]  # the features' own split by its mode, as every table
+    table = table.assign(column=[f"{s} {m}" for s, m in zip(shown, table["measure"])])
     return measure_table(table, folder, STEM, group="column",
                          unit="query accuracy and its drop from the own description, points",
                          title="Description ablation: own description, another task's, a random string", csv=csv)

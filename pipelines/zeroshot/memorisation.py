@@ -39,11 +39,13 @@ def reference_rows(data: SplitData, key: dict) -> list[dict]:
 STEM = "memorisation"  # results/<STEM>.csv and .md
 
 
-def write(table, folder, csv: bool = True):
+def write(table, folder, csv: bool = True, features_info: dict | None = None):
     """results/memorisation.{csv,md}: methods as rows, (split, measure) as columns."""
+    from pipelines.core import names
     from pipelines.core.results import measure_table
 
-    table = table.assign(column=[f"{s} {SHORT[m]}" for s, m in zip(table["split"], table["measure"])])
+    shown = names.resolve_given(table, features_info)["split"]  # the features' own split by its mode, as every table
+    table = table.assign(column=[f"{s} {SHORT[m]}" for s, m in zip(shown, table["measure"])])
     return measure_table(table, folder, STEM, group="column", scale=1.0,
                          unit="cosine and normalised L2 in the normalised weight space, mean over meta-test tasks",
                          title="Memorisation: generated networks vs the meta-train experts and the task's own expert", csv=csv)
