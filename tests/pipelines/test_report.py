@@ -50,6 +50,7 @@ def make_run(root, seeds=(0, 1, 2)):
             for m, g, v in (("hnet_hyperldm", 1.0, 0.8), ("train_experts", None, 0.6)) for s in seeds
             for k in ("cos_nearest_train", "l2_nearest_train")]
     pd.DataFrame(memo).to_csv(root / "results" / "memorisation.csv", index=False)
+    (root / "command.txt").write_text("python -m pipelines.full --preset default --run-dir /home/someone/runs/x\n")
     return root
 
 
@@ -77,6 +78,7 @@ def test_report_redraws_tables_and_figures_and_writes_the_page(tmp_path):
     page = (run / "results.md").read_text()
     assert page.startswith("# Results") and "](results/zero_shot.png)" in page and "](sweeps/gamma/curve.png)" in page
     assert "## Few-shot" in page and "| Baselines | MAML |" in page and "random split" in page
+    assert "made with `python -m pipelines.full --preset default`" in page and "/home/someone" not in page
     assert "## Memorisation" in page and "| Meta-train experts (reference) |" in page
     assert "| HNet + HyperLDM (γ = 1) | 0.810 ± 0.010 |" in (run / "results" / "memorisation.md").read_text()
     assert "Sweep `gamma`" not in page  # the tables' own titles give way to the page's headings
