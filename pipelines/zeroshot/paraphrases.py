@@ -24,8 +24,11 @@ DEFAULT_FILE = Path(__file__).resolve().parents[2] / "configs" / "paraphrases" /
 # Tasks whose most common answer scores at most this: the open questions (which colour, which shape),
 # where a description has to carry the task; easyvqa's yes/no tasks have majority answers of 62-93 %.
 OPEN_MAJORITY = 0.5
-SUBSETS = ("all", "open")  # every rephrased task; those with majority-answer accuracy <= OPEN_MAJORITY
-SUBSET_NAMES = {"all": "all rephrased tasks", "open": f"majority answer ≤ {100 * OPEN_MAJORITY:g} %"}
+SUBSETS = {  # id -> (name, which tasks by majority-answer accuracy m)
+    "all": ("all rephrased tasks", lambda m: m == m),
+    "closed": (f"majority answer > {100 * OPEN_MAJORITY:g} % (yes/no questions)", lambda m: m > OPEN_MAJORITY),
+    "open": (f"majority answer ≤ {100 * OPEN_MAJORITY:g} % (open questions)", lambda m: m <= OPEN_MAJORITY),
+}
 REFERENCES = ("oracle", "multitask")  # scored beside the conditioned methods; they do not read the description
 
 
@@ -135,49 +138,42 @@ def summarise(per_task: pd.DataFrame) -> pd.DataFrame:
 
     t = per_task.assign(g=per_task["guidance_scale"].fillna(-1.0), drop=per_task["original"] - per_task["rephrased"])
     out = []
-    for subset in SUBSETS:
-        part = t if subset == "all" else t[t["majority"] <= OPEN_MAJORITY]
-        for (split, method, g), grp in part.groupby(["split", "method", "g"], sort=False):
-            first = grp[grp["seed"] == grp["seed"].iloc[0]]
-            base = dict(split=split, subset=subset, method=method, guidance_scale=None if g < 0 else g,
-                        majority=float(first["majority"].mean()), tasks=len(first), descriptions=int(first["rephrasings"].sum()))
-            for condition in ("original", "rephrased", "drop"):
-                wide = grp.pivot_table(index="seed", columns="task", values=condition, aggfunc="first")  # [seeds, tasks]
-                ci = bootstrap_ci(wide.to_numpy())
-                seed_means = wide.mean(axis=1)
-                out.append(dict(base, condition=condition, mean=ci.mean, std=float(seed_means.std()) if len(wide) > 1 else np.nan,
-                                ci_low=ci.low, ci_high=ci.high, seeds=len(wide)))
+    for split, by_split in t.groupby("split", sort=False):
+        for subset, (_, chosen) in SUBSETS.items():
+            part = by_split[chosen(by_split["majority"])]
+            for (method, g), grp in part.groupby(["method", "g"], sort=False):
+                first = grp[grp["seed"] == grp["seed"].iloc[0]]
+                base = dict(split=split, subset=subset, method=method, guidance_scale=None if g < 0 else g,
+                            majority=float(first["majority"].mean()), tasks=len(first), descriptions=int(first["rephrasings"].sum()))
+                for condition in ("original", "rephrased", "drop"):
+                    wide = grp.pivot_table(index="seed", columns="task", values=condition, aggfunc="first")  # [seeds, tasks]
+                    ci = bootstrap_ci(wide.to_numpy())
+                    std = float(wide.mean(axis=1).std()) if len(wide) > 1 else np.nan  # over seed means
+                    out.append(dict(base, condition=condition, mean=ci.mean, std=std, ci_low=ci.low, ci_high=ci.high, seeds=len(wide)))
     return pd.DataFrame(out)
 
 
 def markdown(summary: pd.DataFrame, source: str) -> str:
-    """One table per split: methods as rows; original, rephrased and drop for each subset, in %."""
+    """One table per split and subset: methods as rows; original, rephrased and drop, in %."""
     from pipelines.core import names
 
     lines = ["# Descriptions in a user's own words", "",
-             f"Query accuracy (%) of each meta-test task generated from its own description (original) and from "
-             f"rephrasings in words no suite uses ({source}; a task rephrased several times scores its mean), "
-             f"and the drop. Cells: mean ± std over seeds [95 % CI from a bootstrap over tasks and seeds]. "
-             f"References do not read the description.", ""]
-    cols = [(s, c) for s in SUBSETS for c in ("original", "rephrased", "drop")]
-    for split, sp in summary.groupby("split", sort=False):
-        s0 = sp[sp["method"] == sp["method"].iloc[0]]
-        counts = "; ".join(f"{SUBSET_NAMES[s]}: {int(g['tasks'].iloc[0])} tasks, {int(g['descriptions'].iloc[0])} "
-                           f"rephrasings, majority answer {names.pct(g['majority'].iloc[0])} %"
-                           for s, g in s0.groupby("subset", sort=False))
-        seeds = int(sp["seeds"].max())
-        lines += [f"## {names.split_name(split)}", "", f"{counts}; {seeds} seed(s).", "",
-                  "| method | " + " | ".join(f"{SUBSET_NAMES[s]}: {c}" for s, c in cols) + " |", "|---|" + "---|" * len(cols)]
-        maj = {s: g["majority"].iloc[0] for s, g in s0.groupby("subset", sort=False)}
-        lines.append("| Majority answer | " + " | ".join(names.pct(maj[s]) if c == "original" and s in maj else ""
-                                                         for s, c in cols) + " |")
+             (f"Query accuracy (%) of each meta-test task generated from its own description (original) and from "
+              f"rephrasings in words no suite uses ({source}; a task rephrased several times scores its mean), "
+              f"and the drop. Cells: mean ± std over seeds [95 % CI from a bootstrap over tasks and seeds]. "
+              f"References do not read the description."), ""]
+    conditions = ("original", "rephrased", "drop")
+    for (split, subset), sp in summary.groupby(["split", "subset"], sort=False):
+        first = sp.iloc[0]
+        lines += [f"## {names.split_name(split)}: {SUBSETS[subset][0]}", "",
+                  f"{int(first['tasks'])} tasks, {int(first['descriptions'])} rephrasings, {int(sp['seeds'].max())} seed(s); "
+                  f"always giving each task's most common answer scores {names.pct(first['majority'])} %.", "",
+                  "| method | " + " | ".join(conditions) + " |", "|---|---|---|---|",
+                  f"| Majority answer | {names.pct(first['majority'])} | | |"]
         for (method, g), grp in sp.groupby(["method", sp["guidance_scale"].fillna(-1.0)], sort=False):
-            cell = {(r.subset, r.condition): f"{names.mean_spread(r.mean, r.std, r.seeds)} {names.interval(r.ci_low, r.ci_high)}"
-                    for r in grp.itertuples()}
-            if method in REFERENCES:
-                cell = {k: v for k, v in cell.items() if k[1] == "original"}
-            label = names.method_name(method, None if g < 0 else g)
-            lines.append(f"| {label} | " + " | ".join(cell.get(k, "") for k in cols) + " |")
+            cell = {r.condition: f"{names.mean_spread(r.mean, r.std, r.seeds)} {names.interval(r.ci_low, r.ci_high)}"
+                    for r in grp.itertuples() if r.condition == "original" or method not in REFERENCES}
+            lines.append(f"| {names.method_name(method, None if g < 0 else g)} | " + " | ".join(cell.get(c, "") for c in conditions) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -193,9 +189,11 @@ def best(summary: pd.DataFrame) -> dict:
         if r.empty:
             continue
         top = r.loc[r["mean"].idxmax()]
+        uninformed = sp[(sp["method"] == "multitask") & (sp["subset"] == top["subset"]) & (sp["condition"] == "original")]
         out[split] = dict(method=method_label(top["method"], top["guidance_scale"]), subset=top["subset"],
                           rephrased=round(float(top["mean"]), 4), ci=[round(float(top["ci_low"]), 4), round(float(top["ci_high"]), 4)],
-                          majority=round(float(top["majority"]), 4), tasks=int(top["tasks"]))
+                          majority=round(float(top["majority"]), 4), tasks=int(top["tasks"]),
+                          multitask=round(float(uninformed["mean"].iloc[0]), 4) if len(uninformed) else None)
     return out
 
 
