@@ -25,11 +25,14 @@ def write_lines(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture
 def rephrasings(smoke_pipeline, tmp_path) -> tuple[Path, pd.DataFrame]:
-    """A rephrasing file over the smoke run's tasks: every meta-test task once, the first twice, one meta-train task."""
+    """A rephrasing file over the smoke run's tasks: every meta-test task once, the first twice, one meta-train task.
+
+    The meta-test tasks are "rephrased" with meta-train tasks' descriptions, far enough from their own to move
+    even the smoke run's small models."""
     tasks = pd.read_parquet(finished(smoke_pipeline) / "features" / "tasks.parquet", columns=["id", "description", "split"])
     test, train = tasks[tasks["split"] == "meta_test"], tasks[tasks["split"] == "meta_train"]
-    rows = [dict(task_id=t.id, description=t.description,
-                 rephrased=[f"Tell me this: {t.description.rstrip('?')}."] + (["Answer the following. " + t.description] if i == 0 else []))
+    other = train["description"].tolist()
+    rows = [dict(task_id=t.id, description=t.description, rephrased=other[i:i + (2 if i == 0 else 1)])
             for i, t in enumerate(test.itertuples())]
     rows.append(dict(task_id=train["id"].iloc[0], description=train["description"].iloc[0], rephrased=["Please answer."]))
     return write_lines(tmp_path / "rephrased.jsonl", rows), test
@@ -58,11 +61,11 @@ def test_paraphrase_command_pairs_with_the_evaluate_stage(smoke_pipeline, rephra
     both = per_task.merge(evaluated[evaluated["guidance_scale"].fillna(1.0) == 1.0], on=key, suffixes=("", "_eval"))
     assert len(both) == len(per_task)
     assert (both["original"] - both["accuracy"]).abs().max() < 1e-6
-    # References never read the description; the text-conditioned hypernetwork does.
+    # References never read the description; the conditioned methods do.
     refs = per_task[per_task["method"].isin(["oracle", "multitask"])]
     assert (refs["original"] == refs["rephrased"]).all()
-    text = per_task[per_task["method"] == "text_hnet"]
-    assert (text["original"] != text["rephrased"]).any()
+    conditioned = per_task[~per_task["method"].isin(["oracle", "multitask"])]
+    assert (conditioned["original"] != conditioned["rephrased"]).any()
     assert per_task["majority"].between(0, 1).all()
 
     summary = pd.read_csv(tmp_path / "out" / "paraphrases.csv")
