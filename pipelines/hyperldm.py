@@ -70,7 +70,14 @@ def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
     return state, {}
 
 
-run, track, main = entry_points("hyperldm", train_one)
+def check_rephrasings(cfg: HyperLdmConfig, ctx) -> None:
+    """Refuse `rephrasings` on a suite whose descriptions have no training-time rephrasings, before training starts."""
+    from pipelines.zeroshot.augment import check_run
+
+    check_run(ctx.run, cfg.rephrasings)
+
+
+run, track, main = entry_points("hyperldm", train_one, prepare=check_rephrasings)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ rephrasing set of `pipelines.paraphrases` (tested), and they are applied to meta
 """
 from __future__ import annotations
 
+import functools
 import re
 
 from pipelines.core.config import ConfigError
-from pipelines.suites.easyvqa import COLOURS, SHAPES
+from pipelines.suites.easyvqa import COLOURS, SHAPES, read_easyvqa
 
 MAX_REPHRASINGS = 3  # templates per kind of question
 
@@ -27,8 +28,16 @@ TEMPLATES = {
 }
 
 
+@functools.lru_cache(maxsize=1)
+def easyvqa_questions() -> frozenset[str]:
+    return frozenset(read_easyvqa().questions)
+
+
 def kind(question: str) -> tuple[str, dict[str, str]]:
     """(template kind, its slots) of an easyvqa question; a ConfigError for a question of another suite."""
+    if question not in easyvqa_questions():  # other suites' wordings can look alike and mean otherwise
+        raise ConfigError(f"cannot rephrase {question!r}: training-time rephrasings exist for easyvqa questions only; "
+                          f"set rephrasings=0 for this suite")
     words = re.findall(r"[a-z]+", question.lower())
     colours = [w for w in words if w in COLOURS]
     shapes = [w for w in words if w in SHAPES]
@@ -42,8 +51,7 @@ def kind(question: str) -> tuple[str, dict[str, str]]:
         if colours:
             return ("lacks_colour" if negated else "has_colour"), {"c": colours[0]}
         return ("lacks_shape" if negated else "has_shape"), {"s": shapes[0]}
-    raise ConfigError(f"cannot rephrase {question!r}: training-time rephrasings exist for easyvqa questions only; "
-                      f"set rephrasings=0 for this suite")
+    raise ConfigError(f"no training-time rephrasing rule for the easyvqa question {question!r}")
 
 
 def rephrase(question: str, n: int) -> list[str]:
@@ -52,6 +60,17 @@ def rephrase(question: str, n: int) -> list[str]:
         raise ConfigError(f"rephrasings={n}: choose 0 to {MAX_REPHRASINGS}")
     k, slots = kind(question)
     return [t.format(**slots) for t in TEMPLATES[k][:n]]
+
+
+def check_run(run, n: int) -> None:
+    """A ConfigError, before any training, unless every task of the run can be rephrased `n` times."""
+    import pandas as pd
+
+    from orchestrator.storage.suite_features import TASKS_FILE
+
+    if n:
+        for d in pd.read_parquet(run.features / TASKS_FILE, columns=["description"])["description"]:
+            rephrase(d, n)
 
 
 def rephrased_conditions(run, data, n: int):

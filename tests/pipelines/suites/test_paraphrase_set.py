@@ -101,7 +101,7 @@ def test_training_rephrasings_cover_every_question_and_share_no_phrase_with_the_
             assert not trigrams(t) & held_out, (q, t, trigrams(t) & held_out)
             assert [w for w in words(t) if w in ("COLOUR", "SHAPE")] == [w for w in words(q) if w in ("COLOUR", "SHAPE")], (q, t)
     assert rephrase("what color is the circle?", 0) == []
-    for bad, n in (("is the shape red or blue?", 1), ("what color is the circle?", 4)):
+    for bad, n in (("is the shape red or blue?", 1), ("is the shape any colour other than red?", 1), ("what color is the circle?", 4)):
         with pytest.raises(ConfigError, match="rephras"):
             rephrase(bad, n)
 
@@ -118,3 +118,14 @@ def test_augmented_pairs_pair_each_rephrasing_with_its_task_latent_and_default_t
     extra = torch.randn(6, 5)
     z2, c2 = augmented_pairs(z, c, extra, 2)
     assert torch.equal(z2[:3], z) and torch.equal(z2[3:], z[[0, 0, 1, 1, 2, 2]]) and torch.equal(c2, torch.cat([c, extra]))
+
+
+def test_rephrasings_on_another_suite_are_refused_before_training(smoke_run_dir):
+    """The smoke features are procedural tasks: the hyperldm stage says so before any model trains."""
+    from orchestrator.storage.rundir import RunDir
+    from pipelines.core.config import ConfigError
+    from pipelines.zeroshot.augment import check_run
+
+    check_run(RunDir.of(smoke_run_dir), 0)  # the default never reads the tasks
+    with pytest.raises(ConfigError, match="easyvqa questions only; set rephrasings=0"):
+        check_run(RunDir.of(smoke_run_dir), 1)
