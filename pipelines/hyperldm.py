@@ -37,6 +37,8 @@ class HyperLdmConfig:
     """EMA of the denoiser's weights (the EMA weights are what is saved)"""
     drop_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
+    rephrasings: Annotated[int, Field(ge=0, le=3)] = 0
+    """training-time rephrasings per meta-train task (easyvqa questions only), each paired with the task's latent; 0: the suite's descriptions alone"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False
@@ -51,13 +53,16 @@ PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=6), "default":
 
 
 def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
-    """One HyperLDM per route on (meta-train latents, descriptions); returns (state, metrics)."""
+    """One HyperLDM per route on (meta-train latents, descriptions and any rephrasings); returns (state, metrics)."""
     from models.zeroshot.training import train_hyperldm
+    from pipelines.zeroshot.augment import augmented_pairs, rephrased_conditions
     from pipelines.zeroshot.trained import TrainedModels
 
     state = {}
+    c_rephrased = rephrased_conditions(run, data, cfg.rephrasings)  # [N n, d_c] or None
     for name, route in TrainedModels(run, data, seed).routes.items():
-        ldm = train_hyperldm(route.z_train, data.train.c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
+        z, c = augmented_pairs(route.z_train, data.train.c, c_rephrased, cfg.rephrasings)
+        ldm = train_hyperldm(z, c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
                              batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps, schedule=cfg.schedule,
                              ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
         state.update({f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()})
@@ -65,7 +70,14 @@ def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
     return state, {}
 
 
-run, track, main = entry_points("hyperldm", train_one)
+def check_rephrasings(cfg: HyperLdmConfig, ctx) -> None:
+    """Refuse `rephrasings` on a suite whose descriptions have no training-time rephrasings, before training starts."""
+    from pipelines.zeroshot.augment import check_run
+
+    check_run(ctx.run, cfg.rephrasings)
+
+
+run, track, main = entry_points("hyperldm", train_one, prepare=check_rephrasings)
 
 
 if __name__ == "__main__":
