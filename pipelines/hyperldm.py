@@ -41,6 +41,10 @@ class HyperLdmConfig:
     """Ray Train workers"""
     ddp: bool = False
     """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    batched: bool = False
+    """without ddp, true: each worker trains its denoisers as one vmapped program (same inits and random draws as
+    one at a time, weights equal to float rounding; measured slower on CPU, where one denoiser's step is already
+    large matmuls); false: one after another"""
     log_every: Annotated[int, Runtime, Field(ge=1)] = 500
     """steps between logged losses"""
 
@@ -50,6 +54,19 @@ NEEDS_RAY = True
 PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=6), "default": dict()}
 
 
+def settings(cfg: HyperLdmConfig) -> dict:
+    """The training loop's keyword settings from the stage config."""
+    return dict(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps,
+                schedule=cfg.schedule, ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
+
+
+def route_state(name: str, ldm) -> dict:
+    """One route's HyperLDM as named tensors: `{route}.denoiser.*` and `{route}.standardizer.*`."""
+    state = {f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()}
+    state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
+    return state
+
+
 def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
     """One HyperLDM per route on (meta-train latents, descriptions); returns (state, metrics)."""
     from models.zeroshot.training import train_hyperldm
@@ -57,15 +74,37 @@ def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
 
     state = {}
     for name, route in TrainedModels(run, data, seed).routes.items():
-        ldm = train_hyperldm(route.z_train, data.train.c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
-                             batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps, schedule=cfg.schedule,
-                             ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
-        state.update({f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()})
-        state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
+        ldm = train_hyperldm(route.z_train, data.train.c, seed, hooks.prefixed(f"{name}_"), **settings(cfg))
+        state.update(route_state(name, ldm))
     return state, {}
 
 
-run, track, main = entry_points("hyperldm", train_one)
+def train_many(run, units: list, cfg: HyperLdmConfig, hooks: list) -> list[tuple[dict, dict]]:
+    """Every route of every (data, seed) unit as one batched program; [(state, metrics)] per unit, as `train_one`'s."""
+    from models.zeroshot.batched_ldm import LdmJob, train_hyperldms
+    from pipelines.zeroshot.trained import TrainedModels
+
+    jobs, owners = [], []  # owners[i] = (unit index, route name) of jobs[i]
+    for u, (data, seed) in enumerate(units):
+        for name, route in TrainedModels(run, data, seed).routes.items():
+            jobs.append(LdmJob(route.z_train, data.train.c, seed))
+            owners.append((u, name))
+
+    def on_log(step: int, losses):
+        per_unit: dict[int, dict] = {}
+        for (u, name), loss in zip(owners, losses):
+            per_unit.setdefault(u, {})[f"{name}_loss"] = loss
+        for u, m in per_unit.items():
+            hooks[u].log(step, m)
+
+    ldms = train_hyperldms(jobs, on_log, log_every=hooks[0].log_every, **settings(cfg))
+    states: list[dict] = [{} for _ in units]
+    for (u, name), ldm in zip(owners, ldms):
+        states[u].update(route_state(name, ldm))
+    return [(state, {}) for state in states]
+
+
+run, track, main = entry_points("hyperldm", train_one, train_many=train_many)
 
 
 if __name__ == "__main__":
