@@ -1,9 +1,11 @@
 """The HyperLDM stage on a real local Ray: two Ray Train workers, each training its denoisers as one batched
-program, give every model what training it alone gives; a rerun retrains nothing."""
+program, give every model what training it alone gives (to float rounding; one model after another, exactly);
+a rerun retrains nothing."""
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,6 +39,7 @@ def ldm_run(zs_run_dir, tmp_path_factory):
 def test_batched_stage_equals_each_denoiser_alone_and_resumes(ldm_run, capsys):
     from models.zeroshot.training import train_hyperldm
     from orchestrator.cluster import connect, shutdown
+    from orchestrator.storage.rundir import RunDir
     from pipelines import hyperldm
     from pipelines.core.cli import RunContext
     from pipelines.core.config import build_config
@@ -55,6 +58,9 @@ def test_batched_stage_equals_each_denoiser_alone_and_resumes(ldm_run, capsys):
         hyperldm.run(cfg, ctx)  # every model is up to date: nothing retrains
         assert "3 of 3 models up to date, 0 to train" in capsys.readouterr().err
         assert {s: f.stat().st_mtime_ns for s, f in files.items()} == stamps
+        # the same stage one model after another (the default), into an overlay of the run
+        single = RunDir(ldm_run).overlay(ldm_run.parent / "one-by-one", {"hyperldm"})
+        hyperldm.run(replace(cfg, batched=False), RunContext(run=single, progress=False, ray=info))
     finally:
         shutdown(info)
     data = load_split(ldm_run, "given")
@@ -63,10 +69,12 @@ def test_batched_stage_equals_each_denoiser_alone_and_resumes(ldm_run, capsys):
         state, side = load_model(files[seed])
         assert [p[0] for p in side["series"]["hnet_loss"]] == list(range(cfg.log_every, cfg.steps + 1, cfg.log_every))
         assert set(out[f"given-seed{seed}"]) >= {"hnet_loss", "hvae_loss", "seconds"}
+        one_by_one, _ = load_model(single.model("hyperldm", "given", seed))
         for name, route in TrainedModels(ldm_run, data, seed).routes.items():
             alone = train_hyperldm(route.z_train, data.train.c, seed, **hyperldm.settings(cfg)).denoiser.state_dict()
             for k, want in alone.items():
                 worst = max(worst, (state[f"{name}.denoiser.{k}"] - want).abs().max().item())
+                assert torch.equal(one_by_one[f"{name}.denoiser.{k}"], want)  # the unbatched stage is the loop itself
     print(f"\nstage (2 workers, batched) vs each denoiser alone: max |dw| {worst:.3g}")
     assert worst <= W_TOL
     # the three seeds are three different models
