@@ -8,7 +8,7 @@ writes its models into overlays under --work): the machine's matmul GFLOP/s (a l
 matmul, as bench/farm.py measures it); the stage as the pipeline runs it (Ray Train workers), once
 with each worker training its denoisers as one batched program and once one after another; a plain
 loop training the first --plain-models denoisers one at a time in this process (`train_hyperldm`,
---threads threads); models/s and executed matmul GFLOP/s of each, the latter as a share of the peak;
+--plain-threads threads); models/s and executed matmul GFLOP/s of each, the latter as a share of the peak;
 how far the batched stage's weights and meta-test accuracies (γ = 1 DDIM samples, decoded by the
 route) are from the plain loop's and from the run's own models. The load average is printed before
 and after: the machine may be shared. The last line is one JSON object.
@@ -133,6 +133,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-stages", help="where the stages' models go")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs for the stage's workers and the plain loop")
     p.add_argument("--plain-models", type=int, default=0, help="denoisers the plain loop trains (0: all)")
+    # One thread by default: with a second intra-op thread, one denoiser step took 280 ms instead of 15 ms
+    # at a load average of 2-3 on the 2-core machine (threads wait for each other on every small op).
+    p.add_argument("--plain-threads", type=int, default=1, help="torch threads of the plain loop")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="HyperLDM config overrides (e.g. steps=300)")
     a = p.parse_args()
     base = RunDir(a.run)
@@ -149,7 +152,7 @@ def main() -> None:
     print(f"batched stage: {n_models} denoisers in {batched_s:.1f}s; load {load()}", flush=True)
     single_s, _ = stage(base, a.work, one_by_one, a.threads, "one-by-one")
     print(f"one-at-a-time stage: {n_models} denoisers in {single_s:.1f}s; load {load()}", flush=True)
-    plain_s, plain = plain_loop(base, units, cfg, a.threads, n_plain)
+    plain_s, plain = plain_loop(base, units, cfg, a.plain_threads, n_plain)
     print(f"plain loop: {n_plain} denoisers in {plain_s:.1f}s; load {load()}", flush=True)
     gap = compare(base, overlay, units, plain, cfg.steps)
 
@@ -159,7 +162,7 @@ def main() -> None:
     gflops = lambda n, s: n * per_model / s / 1e9  # noqa: E731
     result = dict(
         run=str(base.root), models=n_models, plain_models=n_plain, steps=cfg.steps, batch=cfg.batch, hidden=cfg.hidden,
-        threads=a.threads, machine_gflops=round(peak, 1),
+        threads=a.threads, plain_threads=a.plain_threads, machine_gflops=round(peak, 1),
         hyperldm_stage_seconds=round(batched_s, 1), hyperldm_one_at_a_time_stage_seconds=round(single_s, 1),
         hyperldm_plain_seconds=round(plain_s, 1),
         hyperldm_models_per_s=round(rate(n_models, batched_s), 4),
