@@ -43,6 +43,10 @@ class HyperLdmConfig:
     """Ray Train workers"""
     ddp: bool = False
     """true: workers share each model (DDP over gloo); false: each trains its own (split, seed) models"""
+    batched: bool = False
+    """without ddp, true: each worker trains its denoisers as one vmapped program (same inits and random draws as
+    one at a time, weights equal to float rounding; measured slower on CPU, where one denoiser's step is already
+    large matmuls); false: one after another"""
     log_every: Annotated[int, Runtime, Field(ge=1)] = 500
     """steps between logged losses"""
 
@@ -50,6 +54,19 @@ class HyperLdmConfig:
 CONFIG = HyperLdmConfig
 NEEDS_RAY = True
 PRESETS = {"smoke": dict(steps=60, batch=64, hidden=64, log_every=6), "default": dict()}
+
+
+def settings(cfg: HyperLdmConfig) -> dict:
+    """The training loop's keyword settings from the stage config."""
+    return dict(steps=cfg.steps, lr=cfg.lr, batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps,
+                schedule=cfg.schedule, ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
+
+
+def route_state(name: str, ldm) -> dict:
+    """One route's HyperLDM as named tensors: `{route}.denoiser.*` and `{route}.standardizer.*`."""
+    state = {f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()}
+    state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
+    return state
 
 
 def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
@@ -62,12 +79,36 @@ def train_one(run, data, seed: int, cfg: HyperLdmConfig, hooks):
     c_rephrased = rephrased_conditions(run, data, cfg.rephrasings)  # [N n, d_c] or None
     for name, route in TrainedModels(run, data, seed).routes.items():
         z, c = augmented_pairs(route.z_train, data.train.c, c_rephrased, cfg.rephrasings)
-        ldm = train_hyperldm(z, c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
-                             batch=cfg.batch, hidden=cfg.hidden, timesteps=cfg.timesteps, schedule=cfg.schedule,
-                             ema_decay=cfg.ema_decay, drop_prob=cfg.drop_prob)
-        state.update({f"{name}.denoiser.{k}": t for k, t in ldm.denoiser.state_dict().items()})
-        state.update({f"{name}.standardizer.{k}": t for k, t in ldm.standardizer.state_dict().items()})
+        ldm = train_hyperldm(z, c, seed, hooks.prefixed(f"{name}_"), **settings(cfg))
+        state.update(route_state(name, ldm))
     return state, {}
+
+
+def train_many(run, units: list, cfg: HyperLdmConfig, hooks: list) -> list[tuple[dict, dict]]:
+    """Every route of every (data, seed) unit as one batched program; [(state, metrics)] per unit, as `train_one`'s."""
+    from models.zeroshot.batched_ldm import LdmJob, train_hyperldms
+    from pipelines.zeroshot.augment import augmented_pairs, rephrased_conditions
+    from pipelines.zeroshot.trained import TrainedModels
+
+    jobs, owners = [], []  # owners[i] = (unit index, route name) of jobs[i]
+    for u, (data, seed) in enumerate(units):
+        c_rephrased = rephrased_conditions(run, data, cfg.rephrasings)
+        for name, route in TrainedModels(run, data, seed).routes.items():
+            jobs.append(LdmJob(*augmented_pairs(route.z_train, data.train.c, c_rephrased, cfg.rephrasings), seed))
+            owners.append((u, name))
+
+    def on_log(step: int, losses):
+        per_unit: dict[int, dict] = {}
+        for (u, name), loss in zip(owners, losses):
+            per_unit.setdefault(u, {})[f"{name}_loss"] = loss
+        for u, m in per_unit.items():
+            hooks[u].log(step, m)
+
+    ldms = train_hyperldms(jobs, on_log, log_every=hooks[0].log_every, **settings(cfg))
+    states: list[dict] = [{} for _ in units]
+    for (u, name), ldm in zip(owners, ldms):
+        states[u].update(route_state(name, ldm))
+    return [(state, {}) for state in states]
 
 
 def check_rephrasings(cfg: HyperLdmConfig, ctx) -> None:
@@ -77,7 +118,7 @@ def check_rephrasings(cfg: HyperLdmConfig, ctx) -> None:
     check_run(ctx.run, cfg.rephrasings)
 
 
-run, track, main = entry_points("hyperldm", train_one, prepare=check_rephrasings)
+run, track, main = entry_points("hyperldm", train_one, prepare=check_rephrasings, train_many=train_many)
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def trained_run(trial: dict, base: RunDir, sweep_dir: Path) -> RunDir:
             if kind in retrain:
                 cfg = stage_config(kind, base, trial["split"], trial["seed"], by_stage.get(kind, {}))
                 module = importlib.import_module(f"pipelines.{kind}")
-                train_stage(kind, module.train_one, cfg, ctx, only=[(trial["split"], trial["seed"])])
+                train_stage(kind, module.train_one, cfg, ctx, only=[(trial["split"], trial["seed"])],
+                            train_many=getattr(module, "train_many", None))
     return run
 
 

@@ -36,13 +36,14 @@ def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
 
 
 def _loop(config: dict) -> None:
-    """train_loop_per_worker: the pending (split, seed) models, one after another.
+    """train_loop_per_worker: the pending (split, seed) models, one after another or all at once.
 
     With `ddp` every worker takes part in every model (DDP over gloo, a global batch split between
     workers) and rank 0 writes each model file. Without it, worker r trains models r, r + n, ... on
     its own (no gradient exchange): on a small machine several small models at once use the cores
-    better than one model split across them. Either way each model file is written atomically, so
-    a rerun skips what finished.
+    better than one model split across them. A stage with `train_many` (config `batched`) trains a
+    worker's models as one batched program instead of one after another. Either way each model file
+    is written atomically, so a rerun skips what finished.
     """
     from orchestrator import train as rt
 
@@ -51,50 +52,82 @@ def _loop(config: dict) -> None:
     run = RunDir.from_dict(config["run"])
     ddp = cfg.ddp or rt.world_size() == 1
     combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
+    if not combos:
+        return
+    if config.get("train_many") is not None:
+        data = {split: load_split(run, split) for split in dict.fromkeys(s for s, _ in combos)}
+        units = [_Unit(config, split, seed, ddp) for split, seed in combos]
+        t0 = time.perf_counter()
+        results = config["train_many"](run, [(data[u.split], u.seed) for u in units], cfg, [u.hooks for u in units])
+        share = (time.perf_counter() - t0) / len(units)  # the batch's wall time, split evenly over its models
+        for u, (state, extra) in zip(units, results):
+            u.finish(run, data[u.split], state, {**extra, "seconds": share})
+        return
     data = {}
-    total = config.get("model_steps") or 0  # optimiser steps of one model, all its parts (0: unknown)
     for split, seed in combos:
         if split not in data:
             data = {split: load_split(run, split)}  # one split in memory at a time
-        tag = {"split": split, "seed": seed}
-        metrics: dict = {}
-        series: dict[str, list] = {}  # every logged value, [step, value] per metric: the model's training curves
-        unit = f"{split}-seed{seed}"
-        part = {"keys": None, "done": 0, "last": 0}  # the model part (prefix) being trained, and the steps before it
-
-        def log(step: int, m: dict, tag=tag, metrics=metrics, series=series, unit=unit, part=part) -> None:
-            now = {k: (rt.all_mean(v) if ddp else float(torch.as_tensor(v).detach())) for k, v in m.items()}
-            metrics.update(now)  # the latest value of every metric goes into the model's summary
-            for k, v in now.items():
-                series.setdefault(k, []).append([step, v])
-            if ddp:  # report() is collective; without DDP workers run different models at different times
-                rt.report({"step": step, **tag, **now})
-            if set(m) != part["keys"] or step < part["last"]:  # the next part of the model (e.g. HNet, then HVAE)
-                part["done"] += part["last"]
-                part["keys"] = set(m)
-            part["last"] = step
-            if rt.rank() == 0 or not ddp:
-                loss = next((v for k, v in now.items() if k.endswith("loss")), None)
-                done = part["done"] + step
-                rt.progress(unit, min(done, total - 1) if total else done, total or done, loss=loss)
-
-        hooks = Hooks(wrap=rt.prepare if ddp else (lambda m: m), part=rt.shard if ddp else (lambda n: slice(0, n)),
-                      log=log, log_every=config["log_every"])
+        unit = _Unit(config, split, seed, ddp)
         t0 = time.perf_counter()
-        state, extra = config["train_one"](run, data[split], seed, cfg, hooks)
-        summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
-        sidecar = {"kind": config["kind"], **tag, "stage_config": config_values(cfg), "val_fraction": config.get("val_fraction", 0.0),
-                   "train_tasks": len(data[split].train_ids), "metrics": summary, "series": series}
+        state, extra = config["train_one"](run, data[split], seed, cfg, unit.hooks)
+        unit.finish(run, data[split], state, {**extra, "seconds": time.perf_counter() - t0})
+
+
+class _Unit:
+    """One (split, seed) model inside `_loop`: its hooks (metrics, curves, progress) and how it is saved."""
+
+    def __init__(self, config: dict, split: str, seed: int, ddp: bool):
+        from orchestrator import train as rt
+
+        self.config, self.split, self.seed, self.ddp, self.rt = config, split, seed, ddp, rt
+        self.tag = {"split": split, "seed": seed}
+        self.metrics: dict = {}  # the latest value of every metric: the model's summary
+        self.series: dict[str, list] = {}  # every logged value, [step, value] per metric: the model's training curves
+        self.name = f"{split}-seed{seed}"
+        self.part = {"keys": None, "done": 0, "last": 0}  # the model part (prefix) being trained, and the steps before it
+        self.total = config.get("model_steps") or 0  # optimiser steps of one model, all its parts (0: unknown)
+        self.hooks = Hooks(wrap=rt.prepare if ddp else (lambda m: m), part=rt.shard if ddp else (lambda n: slice(0, n)),
+                           log=self.log, log_every=config["log_every"])
+
+    def log(self, step: int, m: dict) -> None:
+        rt, ddp, part = self.rt, self.ddp, self.part
+        now = {k: (rt.all_mean(v) if ddp else float(torch.as_tensor(v).detach())) for k, v in m.items()}
+        self.metrics.update(now)
+        for k, v in now.items():
+            self.series.setdefault(k, []).append([step, v])
+        if ddp:  # report() is collective; without DDP workers run different models at different times
+            rt.report({"step": step, **self.tag, **now})
+        if set(m) != part["keys"] or step < part["last"]:  # the next part of the model (e.g. HNet, then HVAE)
+            part["done"] += part["last"]
+            part["keys"] = set(m)
+        part["last"] = step
         if rt.rank() == 0 or not ddp:
-            save_model(run.model(config["kind"], split, seed), state, sidecar)
+            loss = next((v for k, v in now.items() if k.endswith("loss")), None)
+            done = part["done"] + step
+            rt.progress(self.name, min(done, self.total - 1) if self.total else done, self.total or done, loss=loss)
+
+    def finish(self, run: RunDir, data, state: dict, extra: dict) -> None:
+        """Save the trained model (and, under DDP, checkpoint it with Ray Train)."""
+        rt, ddp, config = self.rt, self.ddp, self.config
+        summary = {**self.tag, **self.metrics, **extra}
+        sidecar = {"kind": config["kind"], **self.tag, "stage_config": config_values(config["cfg"]),
+                   "val_fraction": config.get("val_fraction", 0.0), "train_tasks": len(data.train_ids),
+                   "metrics": summary, "series": self.series}
+        if rt.rank() == 0 or not ddp:
+            save_model(run.model(config["kind"], self.split, self.seed), state, sidecar)
         if ddp:  # a Ray Train checkpoint per model, with its config
             rt.report({"step": 0, **summary}, state=state, config=sidecar)
-        if (rt.rank() == 0 or not ddp) and total:
-            rt.progress(unit, total, total)  # the model is saved: all its steps count
+        if (rt.rank() == 0 or not ddp) and self.total:
+            rt.progress(self.name, self.total, self.total)  # the model is saved: all its steps count
 
 
-def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None) -> dict:
-    """Train `kind` for every (split, seed) of the plan (or `only` these) not up to date; returns {combo: summary metrics}."""
+def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list[tuple[str, int]] | None = None,
+                train_many: Callable | None = None) -> dict:
+    """Train `kind` for every (split, seed) of the plan (or `only` these) not up to date; returns {combo: summary metrics}.
+
+    `train_many(run, [(data, seed), ...], cfg, [hooks, ...]) -> [(state, metrics), ...]`, when the stage has
+    one and its config asks for it (`batched`, without `ddp`), trains each worker's models at once.
+    """
     run = ctx.run
     splits, seeds = read_plan(run)
     val_fraction = read_val_fraction(run)
@@ -109,12 +142,13 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
         cpus = int(ctx.ray.cpus) if ctx.ray is not None else 1
         workers = cfg.num_workers if cfg.ddp else min(cfg.num_workers, len(todo))
         threads = max(1, cpus // workers)
-        how = "sharing each model (DDP)" if cfg.ddp else "each training its own models"
+        many = train_many if batched(cfg) else None
+        how = "sharing each model (DDP)" if cfg.ddp else "each training its own models" + (" at once" if many else "")
         ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
         steps = model_steps(kind, cfg)
         result = launch(
             _loop,
-            {"train_one": train_one, "kind": kind, "cfg": cfg, "run": run.to_dict(),
+            {"train_one": train_one, "train_many": many, "kind": kind, "cfg": cfg, "run": run.to_dict(),
              "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction,
              "model_steps": steps},
             name=kind, run_dir=run, num_workers=workers, cpus_per_worker=threads,
@@ -133,13 +167,18 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
 ROUTES = 2  # HyperCLIP and HyperLDM train one model per route: HNet and HVAE
 
 
+def batched(cfg) -> bool:
+    """True when a stage config asks for its models to be trained as one batched program (never under DDP)."""
+    return bool(getattr(cfg, "batched", False)) and not cfg.ddp
+
+
 def model_steps(kind: str, cfg) -> int:
     """Optimiser steps of one (split, seed) model of `kind`, all its parts: the unit of the stage's progress bar
-    (0 when unknown: the bar then counts steps without an ETA)."""
+    (0 when unknown: the bar then counts steps without an ETA). Batched, a model's routes train side by side."""
     parts = {
         "generators": lambda c: c.hnet_steps + c.hvae_steps,
         "hyperclip": lambda c: ROUTES * c.steps,
-        "hyperldm": lambda c: ROUTES * c.steps,
+        "hyperldm": lambda c: (1 if batched(c) else ROUTES) * c.steps,
         "baselines": lambda c: 2 * c.steps + c.maml_steps,  # multitask, text-conditioned HNet, MAML
     }
     try:

@@ -8,10 +8,11 @@ import sys
 from typing import Callable
 
 
-def entry_points(kind: str, train_one: Callable, prepare: Callable | None = None):
+def entry_points(kind: str, train_one: Callable, prepare: Callable | None = None, train_many: Callable | None = None):
     """(run, track, main) of the stage that trains models of `kind` with `train_one(run, data, seed, cfg, hooks)`.
 
     `prepare(cfg, ctx)`, when given, runs before training (the generators stage records the plan there).
+    `train_many`, when given, trains several (split, seed) models as one batched program (see `train_stage`).
     """
 
     def run(cfg, ctx):
@@ -20,7 +21,7 @@ def entry_points(kind: str, train_one: Callable, prepare: Callable | None = None
 
         if prepare is not None:
             prepare(cfg, ctx)
-        return train_stage(kind, train_one, cfg, ctx)
+        return train_stage(kind, train_one, cfg, ctx, train_many=train_many)
 
     def track(out, ctx):
         """Training curves and final metrics per (split, seed); the model files as artifacts."""
