@@ -21,7 +21,8 @@ def logged(smoke_pipeline):
     client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")  # an explicit client: no process-wide URI
     exp = client.get_experiment_by_name("weightgen")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.run_dir = '{run_dir.resolve()}'")
-    parent = next(x for x in runs if "mlflow.parentRunId" not in x.data.tags)
+    # the run that made the directory: a later test may rerun the pipeline there, and a rerun trains nothing
+    parent = min((x for x in runs if "mlflow.parentRunId" not in x.data.tags), key=lambda x: x.info.start_time)
     children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     return client, exp, parent, children
 
