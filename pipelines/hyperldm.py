@@ -37,6 +37,10 @@ class HyperLdmConfig:
     """EMA of the denoiser's weights (the EMA weights are what is saved)"""
     drop_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 0.2
     """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
+    data_path: Literal["auto", "memory", "stream"] = "auto"
+    """how workers get the weight normaliser: memory (each loads its split's experts whole to fit it), stream (fit in one Ray Data pass on the driver; workers read no expert; equal up to float rounding, so results may change in the last digits), auto (memory when the store fits memory_budget_mb)"""
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False

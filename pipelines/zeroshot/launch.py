@@ -19,6 +19,7 @@ from orchestrator.storage.rundir import RunDir
 from pipelines.core.cli import RunContext
 from pipelines.core.config import ConfigError, build, config_values, result_values
 from pipelines.zeroshot.data import load_split, read_plan, read_val_fraction, save_model, store_spec
+from pipelines.zeroshot.streamed import attach_streams, resolve_data_path, stream_inputs
 
 
 def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
@@ -52,10 +53,14 @@ def _loop(config: dict) -> None:
     ddp = cfg.ddp or rt.world_size() == 1
     combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
     data = {}
+    norms = config.get("norms")  # streamed path: the normaliser per split, fit by the driver's streaming pass
     total = config.get("model_steps") or 0  # optimiser steps of one model, all its parts (0: unknown)
     for split, seed in combos:
         if split not in data:
-            data = {split: load_split(run, split)}  # one split in memory at a time
+            if norms is None:
+                data = {split: load_split(run, split)}  # one split in memory at a time
+            else:
+                data = {split: attach_streams(load_split(run, split, norm_state=norms[split]))}
         tag = {"split": split, "seed": seed}
         metrics: dict = {}
         series: dict[str, list] = {}  # every logged value, [step, value] per metric: the model's training curves
@@ -83,6 +88,8 @@ def _loop(config: dict) -> None:
         t0 = time.perf_counter()
         state, extra = config["train_one"](run, data[split], seed, cfg, hooks)
         summary = {**tag, **metrics, **extra, "seconds": time.perf_counter() - t0}
+        if data[split].streamed:  # the most experts one streamed batch brought into this worker
+            summary["streamed_peak_rows"] = max(s.peak_rows for s in data[split].experts.values())
         sidecar = {"kind": config["kind"], **tag, "stage_config": config_values(cfg), "val_fraction": config.get("val_fraction", 0.0),
                    "train_tasks": len(data[split].train_ids), "metrics": summary, "series": series}
         if rt.rank() == 0 or not ddp:
@@ -112,15 +119,19 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
         how = "sharing each model (DDP)" if cfg.ddp else "each training its own models"
         ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
         steps = model_steps(kind, cfg)
+        datasets, norms = {}, None
+        if resolve_data_path(run, cfg) == "stream":
+            ctx.log(f"{kind}: streaming the weight store through Ray Data (data_path={cfg.data_path})")
+            datasets, norms = stream_inputs(run, sorted({s for s, _ in todo}), val_fraction, log=ctx.log)
         result = launch(
             _loop,
             {"train_one": train_one, "kind": kind, "cfg": cfg, "run": run.to_dict(),
              "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction,
-             "model_steps": steps},
+             "model_steps": steps, "norms": norms},
             name=kind, run_dir=run, num_workers=workers, cpus_per_worker=threads,
             # the progress display belongs to a pipeline's driver (ctx.ray set), not to a sweep trial's worker
             stage=kind, progress_total=(steps * len(todo) or None) if ctx.ray is not None else None,
-            show_progress=ctx.progress, log=ctx.log,
+            show_progress=ctx.progress, log=ctx.log, datasets=datasets,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
     out = {}
