@@ -6,9 +6,9 @@
 1. A synthetic weight store per size: random float32 weights in the real layout and Parquet schema
    (the smoke features' task network, 16,800 weights), real task metadata (the suite's task ids and
    descriptions, one seed per copy), written and committed shard by shard as the farm does.
-2. The HVAE training loop fed from each store through Ray Data, in a fresh worker process per size: one
-   streaming pass for the normaliser's statistics, then `--train-batches` Adam steps on batches from
-   a file-shuffled stream. Measured: the worker's peak memory (VmHWM, which also counts object-store
+2. The HVAE training loop fed from each store on the zero-shot stages' streamed path (a Ray Train
+   dataset read in batches by the worker), in a fresh worker process per size: one streaming pass for
+   the normaliser's statistics, then `--train-batches` Adam steps on batches from a file-shuffled stream. Measured: the worker's peak memory (VmHWM, which also counts object-store
    pages it maps, and its private memory alone) and experts per second. Ray Data reads up to 256 MB
    ahead (stream.IN_FLIGHT_BYTES, about 4,000 experts), so memory levels off only above that size.
 3. The real farm (actors training `--farm-steps` steps and writing their shards) for each farm size
@@ -82,48 +82,56 @@ def synthetic_store(root: Path, n: int, feats, n_weights: int, layout_id: str) -
     return time.perf_counter() - t0
 
 
-@ray.remote(num_cpus=1, max_calls=1)  # a fresh process per size: its peak memory is this size's alone
-def hvae_from_store(root: str, n_weights: int, spec: dict, batches: int, batch: int, seed: int) -> dict:
-    """Stream the store into the HVAE training loop; peak memory and experts/s of this worker."""
+def hvae_loop(config: dict) -> None:
+    """Ray Train loop: the zero-shot stages' streamed path (`ExpertStream` over the dataset this worker receives,
+    fed to `train_hvae`); reports this worker's peak memory and experts per second."""
+    from bench.farm import MemorySampler
     from models.task_net import TaskNetSpec, WeightLayout
     from models.weight_norm import WeightNormalizer
-    from models.zeroshot.hvae import HVAE, vae_loss
-    from orchestrator.storage.store import WeightStore
-    from orchestrator.storage.stream import store_dataset, stream_moments, weights_of
+    from models.zeroshot.tasks import Hooks
+    from models.zeroshot.training import train_hvae
+    from orchestrator import train as rt
+    from pipelines.zeroshot.streamed import ExpertStream
 
     torch.set_num_threads(1)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    store = WeightStore(Path(root))
-    mem = MemorySampler().__enter__()  # private memory, apart from object-store pages the worker maps
-    t0 = time.perf_counter()
-    moments = stream_moments(store_dataset(store, columns=("w",)), n_weights, batch_size=batch)
-    norm = moments.fit(WeightNormalizer(WeightLayout(TaskNetSpec(**spec))))
-    stats_s = time.perf_counter() - t0
-    torch.manual_seed(seed)
-    model = HVAE(n_weights, 128, (128, 128))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    ds = store_dataset(store, columns=("w",), shuffle_files=True)
-    seen, t0 = 0, None  # timed from the first batch: the stream's start-up (worker processes) is not per expert
-    for b in ds.iter_batches(batch_size=batch, batch_format="numpy", local_shuffle_buffer_size=2 * batch,
-                             local_shuffle_seed=seed):
-        w = norm.encode(weights_of(b))
-        rec, mu, logvar = model(w)
-        loss = vae_loss(w, rec, mu, logvar)[0]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if t0 is None:
-            t0 = time.perf_counter()
-            continue
-        seen += len(w)
-        if seen >= batches * batch:
-            break
-    train_s = time.perf_counter() - t0
-    mem.__exit__()
+    norm = WeightNormalizer(WeightLayout(TaskNetSpec(**config["spec"])))
+    norm.load_state_dict(config["norm"])
+    stream, done = ExpertStream("store", None), {}
+    steps = config["batches"] + 1  # timed from the first step's end: the stream's start-up is not per expert
+    with MemorySampler() as mem:  # private memory, apart from object-store pages the worker maps
+        hooks = Hooks(log=lambda step, m: done.setdefault(step, time.perf_counter()), log_every=1)
+        train_hvae(stream.source(config["batch"], config["seed"], lambda rows, w: norm.encode(w)), config["seed"], hooks,
+                   steps=steps, lr=1e-3, batch=config["batch"], beta=1.0, d_latent=128, hidden=(128, 128),
+                   n_weights=norm.mean.numel())
+    seen = config["batches"] * config["batch"]
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    rt.report(dict(train_experts=seen, train_experts_per_s=round(seen / (done[steps] - done[1]), 1),
+                   streamed_peak_rows=stream.peak_rows, worker_peak_mb=round(float(status["VmHWM"].split()[0]) / 1024, 1),
+                   worker_peak_private_mb=round(mem.peak_anon, 1)))
+
+
+def hvae_from_store(root: Path, spec, batches: int, batch: int, seed: int, work: Path) -> dict:
+    """The store through the path the HVAE stage streams it on: normaliser statistics in one Ray Data pass on the
+    driver, then a Ray Train worker (a fresh process per size: its peak memory is this size's alone) training
+    the HVAE on batches of the store handed to it as a Ray Train dataset."""
+    from models.task_net import WeightLayout
+    from models.weight_norm import WeightNormalizer
+    from orchestrator.storage.store import WeightStore
+    from orchestrator.storage.stream import store_dataset, stream_moments
+    from orchestrator.train import launch
+    from pipelines.zeroshot.streamed import COLUMNS
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    store, layout = WeightStore(root), WeightLayout(spec)
+    t0 = time.perf_counter()
+    moments = stream_moments(store_dataset(store, columns=("w",)), layout.size, batch_size=batch)
+    norm = moments.fit(WeightNormalizer(layout))
+    stats_s = time.perf_counter() - t0
+    ds = store_dataset(store, columns=COLUMNS, shuffle_files=True, shuffle_seed=seed, ordered=True)
+    res = launch(hvae_loop, dict(spec=spec.__dict__, norm=norm.state_dict(), batches=batches, batch=batch, seed=seed),
+                 name=f"hvae-{root.name}", run_dir=work / "train", datasets={"store": ds}, log=lambda m: None)
     return dict(experts_in_store=moments.n, stats_seconds=round(stats_s, 2), stats_experts_per_s=round(moments.n / stats_s, 1),
-                train_experts=seen, train_experts_per_s=round(seen / train_s, 1),
-                worker_peak_mb=round(float(status["VmHWM"].split()[0]) / 1024, 1), worker_peak_private_mb=round(mem.peak_anon, 1))
+                **res.metrics[-1])
 
 
 def farm_driver(feats, n: int, work: Path, steps: int) -> dict:
@@ -175,7 +183,7 @@ def main() -> None:
         for n in [int(x) for x in a.sizes.split(",")]:
             root = a.work / f"store-{n}"
             built = synthetic_store(root, n, feats, layout.size, layout.id)
-            r = ray.get(hvae_from_store.remote(str(root), layout.size, spec.__dict__, a.train_batches, a.batch, 0))
+            r = hvae_from_store(root, spec, a.train_batches, a.batch, 0, a.work)
             r.update(build_seconds=round(built, 1), store_mb=round(sum(f.stat().st_size for f in root.glob("*.parquet")) / 2**20, 1))
             out["stores"][n] = r
             print(json.dumps({"store": n, **r}), flush=True)

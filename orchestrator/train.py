@@ -30,7 +30,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from models.errors import UserError
@@ -76,6 +76,7 @@ def launch(
     progress_total: float | None = None,
     show_progress: bool = False,
     log: Callable[[str], None] = print,
+    datasets: dict | None = None,
 ) -> TrainResult:
     """Run `loop(config)` on `num_workers` CPU workers (DDP over gloo); rerun with the same name+run_dir to resume.
 
@@ -84,6 +85,9 @@ def launch(
     `stage` labels the loop's metrics (default: `name`). With `progress_total` (the steps the loop's
     `progress` calls add up to) the driver shows them: a bar when `show_progress`, else a line every
     30 s through `log`.
+    `datasets` ({name: Ray Data dataset}) reach every worker whole, not split between workers (each worker
+    iterates its own stream: `orchestrator.storage.stream.worker_batches`), with the execution options each
+    dataset was built with (Ray Train would otherwise replace them with its defaults, e.g. its read-ahead cap).
     """
     from orchestrator import metrics
     from orchestrator.progress import Progress, Watcher, new_hub
@@ -97,6 +101,9 @@ def launch(
     trainer = TorchTrainer(
         train_loop_per_worker=functools.partial(_entry, loop, {"hub": hub, "stage": stage, "run": run_label}),
         train_loop_config=dict(config),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={
+            k: ds.context.execution_options for k, ds in (datasets or {}).items()}),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=name,

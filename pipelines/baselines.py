@@ -11,7 +11,7 @@ Writes `models/baselines/`.
 """
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -42,6 +42,10 @@ class BaselinesConfig:
     """MAML inner SGD steps"""
     maml_inner_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
     """MAML inner learning rate"""
+    data_path: Literal["auto", "memory", "stream"] = "auto"
+    """how workers get the weight normaliser: memory (each loads its split's experts whole to fit it), stream (fit in one Ray Data pass on the driver; workers read no expert; equal up to float rounding, so results may change in the last digits), auto (memory when the store fits memory_budget_mb)"""
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False

@@ -52,6 +52,10 @@ class GeneratorsConfig:
     """experts per HVAE step"""
     hvae_beta: Annotated[float, Field(ge=0.0)] = 1.0
     """KL weight of the HVAE's ELBO"""
+    data_path: Literal["auto", "memory", "stream"] = "auto"
+    """how workers read the weight store: memory (each loads its split's experts whole), stream (Ray Data batches, never the whole store; the minibatch order differs, so results change), auto (memory when the store fits memory_budget_mb)"""
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False
@@ -78,22 +82,47 @@ def train_one(run, data, seed: int, cfg: GeneratorsConfig, hooks):
     hnet = LatentHNet(data.norm, data.train.batch.n, cfg.d_latent, cfg.hidden, torch.Generator().manual_seed(seed))
     fit_task_model(hnet, data.train, seed, hooks.prefixed("hnet_"), steps=cfg.hnet_steps, lr=cfg.hnet_lr,
                    tasks_per_step=cfg.tasks_per_step, samples_per_task=cfg.samples_per_task)
-    wn = data.norm.encode(data.w_train)
-    vae = train_hvae(wn, seed, hooks.prefixed("hvae_"), steps=cfg.hvae_steps, lr=cfg.hvae_lr, batch=cfg.hvae_batch,
-                     beta=cfg.hvae_beta, d_latent=cfg.d_latent, hidden=cfg.hidden)
+    hvae = dict(steps=cfg.hvae_steps, lr=cfg.hvae_lr, batch=cfg.hvae_batch, beta=cfg.hvae_beta, d_latent=cfg.d_latent,
+                hidden=cfg.hidden)
+    rows = torch.arange(data.train.batch.n)
+    if data.streamed:
+        vae = train_hvae(data.experts["train"].source(cfg.hvae_batch, seed, lambda r, w: data.norm.encode(w)), seed,
+                         hooks.prefixed("hvae_"), n_weights=data.layout.size, **hvae)
+        mu, metrics = streamed_summary(data, vae, cfg.hvae_batch)
+    else:
+        wn = data.norm.encode(data.w_train)
+        vae = train_hvae(wn, seed, hooks.prefixed("hvae_"), **hvae)
+        with torch.no_grad():
+            mu = vae.encode(wn)[0]  # [N, d] the HVAE latents of the meta-train experts
+            metrics = {
+                "expert_train_query_acc": float(task_accuracy(data.train, data.w_train).mean()),
+                "hvae_recon_train_query_acc": float(task_accuracy(data.train, data.norm.decode(vae.decode(mu))).mean()),
+                "hvae_recon_test_query_acc": float(task_accuracy(
+                    data.test, data.norm.decode(vae.decode(vae.encode(data.norm.encode(data.w_test))[0]))).mean()),
+            }
     with torch.no_grad():
-        mu = vae.encode(wn)[0]  # [N, d] the HVAE latents of the meta-train experts
-        rows = torch.arange(data.train.batch.n)
-        metrics = {
-            "hnet_train_query_acc": float(task_accuracy(data.train, hnet(rows, data.train.c)).mean()),
-            "expert_train_query_acc": float(task_accuracy(data.train, data.w_train).mean()),
-            "hvae_recon_train_query_acc": float(task_accuracy(data.train, data.norm.decode(vae.decode(mu))).mean()),
-            "hvae_recon_test_query_acc": float(task_accuracy(
-                data.test, data.norm.decode(vae.decode(vae.encode(data.norm.encode(data.w_test))[0]))).mean()),
-        }
+        metrics = {"hnet_train_query_acc": float(task_accuracy(data.train, hnet(rows, data.train.c)).mean()), **metrics}
     state = {**{f"hnet.{k}": v for k, v in hnet.state_dict().items()},
              **{f"hvae.{k}": v for k, v in vae.state_dict().items()}, "hvae_latents": mu}
     return state, metrics
+
+
+def streamed_summary(data, vae, batch: int) -> tuple[torch.Tensor, dict]:
+    """The HVAE latents [N, d] of the meta-train experts and the memory path's summary metrics, from one
+    streaming pass over the meta-train and one over the meta-test experts (a batch at a time)."""
+    from models.zeroshot.tasks import task_accuracy
+    from pipelines.zeroshot.streamed import per_task
+
+    norm, train, test = data.norm, data.train, data.test
+    both = per_task(data.experts["train"], train.batch.n,  # [N, d + 1]: latent and the expert's own accuracy, one pass
+                    lambda r, w: torch.cat([vae.encode(norm.encode(w))[0], task_accuracy(train.rows(r), w)[:, None]], 1), batch)
+    mu, expert = both[:, :-1].contiguous(), both[:, -1]
+    chunks = torch.arange(train.batch.n).split(batch)
+    recon = torch.cat([task_accuracy(train.rows(r), norm.decode(vae.decode(mu[r]))) for r in chunks])
+    recon_test = per_task(data.experts["test"], test.batch.n,
+                          lambda r, w: task_accuracy(test.rows(r), norm.decode(vae.decode(vae.encode(norm.encode(w))[0]))), batch)
+    return mu, {"expert_train_query_acc": float(expert.mean()), "hvae_recon_train_query_acc": float(recon.mean()),
+                "hvae_recon_test_query_acc": float(recon_test.mean())}
 
 
 def record_plan(cfg: GeneratorsConfig, ctx: RunContext) -> None:

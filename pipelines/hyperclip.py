@@ -33,6 +33,10 @@ class HyperClipConfig:
     """(weights, description) pairs per step (all when fewer)"""
     hvae_inputs: Literal["experts", "reconstructions"] = "experts"
     """what the HVAE route's HyperCLIP trains on: the experts (measured better for guidance) or their HVAE reconstructions"""
+    data_path: Literal["auto", "memory", "stream"] = "auto"
+    """how workers read the weight store: memory (each loads its split's experts whole), stream (Ray Data batches, never the whole store; the minibatch order differs, so results change), auto (memory when the store fits memory_budget_mb)"""
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False
@@ -59,21 +63,59 @@ def held_out_scores(model, data) -> dict[str, float]:
             "test_top1": float((cos.argmax(1) == torch.arange(len(cos))).float().mean())}
 
 
+@torch.no_grad()
+def streamed_held_out_scores(model, data, batch: int) -> dict[str, float]:
+    """`held_out_scores` from one streaming pass over the meta-test experts: embeddings [M, d] in memory,
+    their [M, M] cosines a block of rows at a time."""
+    from pipelines.zeroshot.streamed import per_task
+
+    e = per_task(data.experts["test"], data.test.batch.n, lambda r, w: model.embed(data.norm.encode(w)), batch)  # [M, d]
+    cn = torch.nn.functional.normalize(data.test.c, dim=-1)  # [M, d]
+    m = len(e)
+    matched = (e * cn).sum(-1)  # [M]
+    mismatched = (e.sum(0) @ cn.sum(0) - matched.sum()) / max(m * m - m, 1)
+    top1 = torch.cat([(e[r] @ cn.T).argmax(1) == r for r in torch.arange(m).split(1024)])
+    return {"test_matched_cos": float(matched.mean()), "test_mismatched_cos": float(mismatched),
+            "test_top1": float(top1.float().mean())}
+
+
 def train_one(run, data, seed: int, cfg: HyperClipConfig, hooks):
     """One HyperCLIP per route on (decoded meta-train weights, descriptions); returns (state, metrics)."""
-    from models.zeroshot.training import train_hyperclip
+    from models.zeroshot.training import minibatches, train_hyperclip
     from pipelines.zeroshot.trained import TrainedModels
 
     state, metrics = {}, {}
+    settings = dict(steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, batch=cfg.batch)
     for name, route in TrainedModels(run, data, seed).routes.items():
-        with torch.no_grad():  # [N, P] normalised weights
-            experts = name == "hvae" and cfg.hvae_inputs == "experts"
-            v = data.norm.encode(data.w_train) if experts else route.decode_n(route.z_train)
-        model = train_hyperclip(v, data.train.c, seed, hooks.prefixed(f"{name}_"), steps=cfg.steps, lr=cfg.lr,
-                                hidden=cfg.hidden, batch=cfg.batch)
+        experts = name == "hvae" and cfg.hvae_inputs == "experts"
+        if data.streamed:  # batches of the store, or of decoded latents: never all N x P weights at once
+            dims = (data.layout.size, data.train.c.shape[1])
+            if experts:
+                v = data.experts["train"].source(cfg.batch, seed, lambda r, w: (data.norm.encode(w), data.train.c[r]))
+            else:
+                v = decoded(minibatches(route.z_train, data.train.c, batch=cfg.batch), route.decode_n)
+            model = train_hyperclip(v, None, seed, hooks.prefixed(f"{name}_"), dims=dims, **settings)
+            scores = streamed_held_out_scores(model, data, cfg.batch)
+        else:
+            with torch.no_grad():  # [N, P] normalised weights
+                v = data.norm.encode(data.w_train) if experts else route.decode_n(route.z_train)
+            model = train_hyperclip(v, data.train.c, seed, hooks.prefixed(f"{name}_"), **settings)
+            scores = held_out_scores(model, data)
         state.update({f"{name}.{k}": t for k, t in model.state_dict().items()})
-        metrics.update({f"{name}_{k}": x for k, x in held_out_scores(model, data).items()})
+        metrics.update({f"{name}_{k}": x for k, x in scores.items()})
     return state, metrics
+
+
+def decoded(source, decode_n):
+    """A (latent, c) batch source turned into (normalised weights, c), decoded a batch at a time."""
+
+    def gen_batches(gen):
+        for z, c in source(gen):
+            with torch.no_grad():
+                v = decode_n(z)
+            yield v, c  # outside no_grad: the loop's step runs while this generator is suspended
+
+    return gen_batches
 
 
 run, track, main = entry_points("hyperclip", train_one)

@@ -39,6 +39,10 @@ class HyperLdmConfig:
     """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
     rephrasings: Annotated[int, Field(ge=0, le=3)] = 0
     """training-time rephrasings per meta-train task (easyvqa questions only), each paired with the task's latent; 0: the suite's descriptions alone"""
+    data_path: Literal["auto", "memory", "stream"] = "auto"
+    """how workers get the weight normaliser: memory (each loads its split's experts whole to fit it), stream (fit in one Ray Data pass on the driver; workers read no expert; equal up to float rounding, so results may change in the last digits), auto (memory when the store fits memory_budget_mb)"""
+    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""
     ddp: bool = False

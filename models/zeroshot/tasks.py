@@ -8,7 +8,7 @@ share it (up to float reduction order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import partial
 from typing import Callable
 
@@ -43,6 +43,12 @@ class TaskData:
     X: torch.Tensor  # [n_img, d_img]
     batch: ExpertBatch  # the tasks, padded
     c: torch.Tensor  # [T, d_txt] description embeddings
+
+    def rows(self, rows: torch.Tensor) -> "TaskData":
+        """The tasks `rows` [B] only (e.g. the tasks of one streamed batch of experts)."""
+        b = self.batch
+        sub = ExpertBatch(**{f.name: getattr(b, f.name)[rows] for f in fields(b)})
+        return TaskData(self.layout, self.X, sub, self.c[rows])
 
 
 def sample_support(batch: ExpertBatch, rows: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

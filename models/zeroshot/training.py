@@ -2,11 +2,13 @@
 
 Each `train_*` builds its model, runs Adam for `steps` and returns the trained module. Settings are
 keyword-only with no defaults: the stage configs (pipelines.generators, .hyperclip, .hyperldm) are
-their one source.
+their one source. The HVAE and HyperCLIP loops take their data as in-memory tensors or as a
+`BatchSource` (e.g. the weight store streamed in batches), so no loop needs the whole store at once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -19,44 +21,65 @@ from models.zeroshot.hyperclip import HyperCLIP, info_nce
 from models.zeroshot.tasks import Hooks
 
 
-def train_hvae(wn: torch.Tensor, seed: int, hooks: Hooks = Hooks(), *, steps: int, lr: float, batch: int, beta: float,
-               d_latent: int, hidden: tuple[int, ...]) -> HVAE:
-    """HVAE on normalised expert weights wn [N, P] (ELBO with a summed reconstruction; see `vae_loss`)."""
+BatchSource = Callable[[torch.Generator], Iterable]
+"""Global batches for a training loop: called once with the loop's seeded generator, then one batch per step.
+An in-memory source draws its rows from that generator (`minibatches`); a streamed one has its own seeded order."""
+
+
+def minibatches(*xs: torch.Tensor, batch: int) -> BatchSource:
+    """Random rows of in-memory tensors [N, ...] (the same rows of each), `batch` per step (all when fewer),
+    drawn without replacement within a step."""
+
+    def source(gen: torch.Generator) -> Iterator:
+        while True:
+            rows = torch.randperm(len(xs[0]), generator=gen)[: batch]
+            yield xs[0][rows] if len(xs) == 1 else tuple(x[rows] for x in xs)
+
+    return source
+
+
+def train_hvae(wn: torch.Tensor | BatchSource, seed: int, hooks: Hooks = Hooks(), *, steps: int, lr: float, batch: int,
+               beta: float, d_latent: int, hidden: tuple[int, ...], n_weights: int | None = None) -> HVAE:
+    """HVAE on normalised expert weights (ELBO with a summed reconstruction; see `vae_loss`): wn [N, P] in
+    memory, or a `BatchSource` of [B, P] batches (then `n_weights` = P)."""
     torch.manual_seed(seed)  # the model's init
     gen = torch.Generator().manual_seed(seed)
-    model = HVAE(wn.shape[1], d_latent, hidden)
+    if isinstance(wn, torch.Tensor):
+        wn, n_weights = minibatches(wn, batch=batch), wn.shape[1]
+    model = HVAE(n_weights, d_latent, hidden)
     net = hooks.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    for step in range(1, steps + 1):
-        rows = torch.randperm(len(wn), generator=gen)[: batch]
-        eps_all = torch.randn(len(rows), d_latent, generator=gen)  # global draw: independent of worker count
-        mine = hooks.part(len(rows))
-        w = wn[rows[mine]]
+    for step, w_all in zip(range(1, steps + 1), wn(gen)):
+        eps_all = torch.randn(len(w_all), d_latent, generator=gen)  # global draw: independent of worker count
+        mine = hooks.part(len(w_all))
+        w = w_all[mine]
         rec, mu, logvar = net(w, eps=eps_all[mine])  # through the (DDP) wrapper
         loss, recon, kl = vae_loss(w, rec, mu, logvar, beta)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % hooks.log_every == 0 or step == steps:
-            hooks.log(step, {"loss": loss, "recon_per_weight": recon / wn.shape[1], "kl": kl})
+            hooks.log(step, {"loss": loss, "recon_per_weight": recon / n_weights, "kl": kl})
     return model.eval()
 
 
-def train_hyperclip(v: torch.Tensor, c: torch.Tensor, seed: int, hooks: Hooks = Hooks(), *, steps: int, lr: float,
-                    hidden: tuple[int, ...], batch: int) -> HyperCLIP:
-    """HyperCLIP on (weights or latents v [N, d_in], description embeddings c [N, d_txt]), `batch` pairs per step.
+def train_hyperclip(v: torch.Tensor | BatchSource, c: torch.Tensor | None, seed: int, hooks: Hooks = Hooks(), *,
+                    steps: int, lr: float, hidden: tuple[int, ...], batch: int, dims: tuple[int, int] | None = None) -> HyperCLIP:
+    """HyperCLIP on (weights or latents v [N, d_in], description embeddings c [N, d_txt]), `batch` pairs per step;
+    or on a `BatchSource` of (v [B, d_in], c [B, d_txt]) pairs (then c is None and `dims` = (d_in, d_txt)).
 
     InfoNCE needs every pair's negatives, so each worker computes the whole batch; DDP then
     averages identical gradients and the run equals a single worker's.
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = HyperCLIP(v.shape[1], c.shape[1], hidden)
+    if isinstance(v, torch.Tensor):
+        v, dims = minibatches(v, c, batch=batch), (v.shape[1], c.shape[1])
+    model = HyperCLIP(dims[0], dims[1], hidden)
     net = hooks.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    for step in range(1, steps + 1):
-        rows = torch.randperm(len(v), generator=gen)[: batch]
-        loss = info_nce(net(v[rows]), c[rows], model.scale())  # forward through the (DDP) wrapper
+    for step, (vb, cb) in zip(range(1, steps + 1), v(gen)):
+        loss = info_nce(net(vb), cb, model.scale())  # forward through the (DDP) wrapper
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

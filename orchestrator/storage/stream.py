@@ -10,7 +10,7 @@ import numpy as np
 import ray.data
 import torch
 
-from orchestrator.storage.store import StoreError, WeightStore
+from orchestrator.storage.store import StoreError, WeightStore, weights_checksum
 
 
 def committed_files(store: WeightStore) -> list[str]:
@@ -25,30 +25,74 @@ IN_FLIGHT_BYTES = 256 * 2**20  # blocks read ahead of the consumer: bounds its m
 
 
 def store_dataset(store: WeightStore, columns: tuple[str, ...] = ("task_id", "seed", "w"), final_only: bool = True,
-                  shuffle_files: bool = False, in_flight_bytes: int = IN_FLIGHT_BYTES) -> ray.data.Dataset:
-    """A lazy dataset of the store's rows (`columns`), final checkpoints only by default.
+                  shuffle_files: bool = False, in_flight_bytes: int = IN_FLIGHT_BYTES, seeds: list[int] | None = None,
+                  task_ids: list[str] | None = None, ordered: bool = False,
+                  shuffle_seed: int | None = None) -> ray.data.Dataset:
+    """A lazy dataset of the store's rows (`columns`), final checkpoints only by default, optionally only
+    some `seeds` and `task_ids` (both filters are pushed down into the Parquet read).
 
     `shuffle_files` reads the shards in a random order each epoch (with a local shuffle buffer in the
-    consumer, the usual Ray Data substitute for a global shuffle that would need the whole store).
+    consumer, the usual Ray Data substitute for a global shuffle that would need the whole store);
+    `shuffle_seed` fixes that order. `ordered` keeps blocks in file order whatever finishes first, so
+    a seeded consumer sees the same batches in every run.
     `in_flight_bytes` caps the object-store bytes read ahead (by default Ray Data may fill a share of the
     whole object store, and a consumer maps every block it reads: its memory then grows with the store)."""
+    from ray.data import FileShuffleConfig
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(committed_files(store), shuffle="files" if shuffle_files else None)
-    if final_only:
-        ds = ds.filter(expr=col("final") == True)  # noqa: E712 - an expression, pushed down into the Parquet read
+    shuffle = (FileShuffleConfig(seed=shuffle_seed) if shuffle_seed is not None else "files") if shuffle_files else None
+    # Read tasks reserve no CPU: a stage's Ray Train workers may hold every CPU of the cluster, and reads that
+    # waited for a free one would never run; they share the workers' cores, like a data-loader thread.
+    # (Ray Data's newer read path lists files in a separate task that always asks for a CPU: use the
+    # single-operator read, whose tasks take the CPU request given here.)
+    ctx = ray.data.DataContext.get_current()
+    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        ds = ray.data.read_parquet(committed_files(store), shuffle=shuffle, ray_remote_args={"num_cpus": 0})
+    finally:
+        ctx.use_datasource_v2 = v2
+    keep = col("final") == True if final_only else None  # noqa: E712 - an expression, pushed down into the Parquet read
+    if seeds is not None:
+        keep = _and(keep, col("seed").is_in([int(s) for s in seeds]))
+    if task_ids is not None:
+        keep = _and(keep, col("task_id").is_in(list(task_ids)))
+    if keep is not None:
+        ds = ds.filter(expr=keep)
     ds = ds.select_columns(list(columns))  # pushed down too: unread columns are never decoded
-    limits = ds.context.execution_options.resource_limits
-    ds.context.execution_options.resource_limits = limits.copy(object_store_memory=in_flight_bytes)
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=in_flight_bytes)
+    options.preserve_order = ordered
     return ds
 
 
+def _and(a, b):
+    return b if a is None else a & b
+
+
+def worker_batches(name: str, batch_size: int, seed: int, shuffle_buffer: int | None = None, drop_last: bool = False):
+    """Numpy batches of dataset `name` as this Ray Train worker receives it (`ray.train.get_dataset_shard`): one
+    pass, rows mixed in a seeded local buffer of `shuffle_buffer` rows (None: in stored order)."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last,
+                              local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed if shuffle_buffer else None)
+
+
 def weights_of(batch: dict) -> torch.Tensor:
-    """w [B, P] float32 from a Ray Data batch (numpy format) of the store's `w` column."""
+    """w [B, P] float32 from a Ray Data batch (numpy format) of the store's `w` column; when the batch has the
+    `checksum` column, every row is checked against it as `WeightStore.read` does (a StoreError if one differs)."""
     w = batch["w"]
     if w.dtype == object:  # fixed-size lists may arrive as an array of arrays
         w = np.stack(w)
-    return torch.as_tensor(np.ascontiguousarray(w, dtype=np.float32))
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if "checksum" in batch:
+        bad = [i for i, (row, want) in enumerate(zip(w, batch["checksum"])) if weights_checksum(row) != want]
+        if bad:
+            who = f" (task {batch['task_id'][bad[0]]})" if "task_id" in batch else ""
+            raise StoreError(f"{len(bad)} streamed expert(s) do not match their checksum{who}; rerun "
+                             "`python -m pipelines.experts` with the same run directory to retrain them")
+    return torch.as_tensor(w)
 
 
 class LayerMoments:

@@ -53,7 +53,10 @@ def split_assignment(feats, mode: str) -> dict[str, str]:
 
 @dataclass
 class SplitData:
-    """One split of a run: meta-train and meta-test tasks as tensors, their experts and a fitted normaliser."""
+    """One split of a run: meta-train and meta-test tasks as tensors, their experts and a fitted normaliser.
+
+    On the streamed data path (`streamed`) no expert is in memory: the w_* fields are None and `experts`
+    gives batches of them (pipelines.zeroshot.streamed), the normaliser fit in one streaming pass."""
 
     name: str
     layout: WeightLayout
@@ -62,12 +65,18 @@ class SplitData:
     train_ids: list[str]
     test_ids: list[str]
     test_descriptions: list[str]
-    w_train: torch.Tensor  # [N_train, P] meta-train experts (seed 0 of each task)
-    w_test: torch.Tensor  # [N_test, P] meta-test experts: the oracle, never used for training
-    norm: WeightNormalizer  # fit on w_train only
+    w_train: torch.Tensor | None  # [N_train, P] meta-train experts (seed 0 of each task)
+    w_test: torch.Tensor | None  # [N_test, P] meta-test experts: the oracle, never used for training
+    norm: WeightNormalizer  # fit on the meta-train experts only
     val: TaskData | None = None  # held-out meta-train tasks for choosing sampling settings (None: no validation split)
     val_ids: list[str] | None = None
     w_val: torch.Tensor | None = None  # [N_val, P] their experts (the validation oracle)
+    experts: dict | None = None  # streamed path: {"train"|"test": ExpertStream} in the order of train_ids/test_ids
+
+    @property
+    def streamed(self) -> bool:
+        """True when the experts are read in batches (`experts`), not held as tensors."""
+        return self.experts is not None
 
 
 def validation_ids(train_ids: list[str], fraction: float) -> set[str]:
@@ -90,17 +99,15 @@ def store_spec(run: RunDir | Path) -> TaskNetSpec:
     return TaskNetSpec(**spec)
 
 
-def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None) -> SplitData:
-    """Tensors of one split of the run (features + experts); `val_fraction` defaults to the plan's."""
+def split_tasks(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None):
+    """(features, rows, meta-train rows, meta-test rows, validation rows) of one split: task-table rows
+    (itertuples) of the tasks that have an expert; `val_fraction` defaults to the plan's."""
     from orchestrator.storage.store import WeightStore
-    from orchestrator.storage.suite_features import SuiteFeatures, task_batch
+    from orchestrator.storage.suite_features import SuiteFeatures
 
     run = RunDir.of(run)
     feats = feats if feats is not None else SuiteFeatures.load(run.features)
-    spec = store_spec(run)
-    layout = WeightLayout(spec)
     assign = split_assignment(feats, mode)
-    X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
     skipped = WeightStore(run.store).manifest().get("skipped_tasks", {})  # no expert: no support or no query examples
     rows = [r for r in feats.tasks.itertuples() if r.id not in skipped]
     tr = [r for r in rows if assign[r.id] == META_TRAIN]
@@ -110,23 +117,49 @@ def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | 
     tr = [r for r in tr if r.id not in val_ids]
     if not tr or not te:
         raise ZeroShotError(f"split {mode!r} has {len(tr)} meta-train and {len(te)} meta-test tasks; both must be non-empty")
-    stored = WeightStore(run.store).read(seeds=[0])
-    where = {t: i for i, t in enumerate(stored.meta["task_id"])}
-    missing = [r.id for r in rows if r.id not in where]
+    return feats, rows, tr, te, va
+
+
+def missing_experts(run: RunDir, rows, have) -> None:
+    """Refuse tasks without a stored expert (`have`: the task ids that have one)."""
+    missing = [r.id for r in rows if r.id not in have]
     if missing:
         raise ZeroShotError(f"{len(missing)} tasks have no expert (e.g. {missing[0]!r}): rerun the experts stage on {run.root}")
-    w_tr = stored.w[[where[r.id] for r in tr]]
-    w_te = stored.w[[where[r.id] for r in te]]
+
+
+def load_split(run: RunDir | Path, mode: str, feats=None, val_fraction: float | None = None,
+               norm_state: dict | None = None) -> SplitData:
+    """Tensors of one split of the run (features + experts); `val_fraction` defaults to the plan's.
+
+    With `norm_state` (the normaliser's state fit by a streaming pass) no expert is read: the streamed
+    data path, whose stages read them through `SplitData.experts`."""
+    from orchestrator.storage.store import WeightStore
+    from orchestrator.storage.suite_features import task_batch
+
+    run = RunDir.of(run)
+    layout = WeightLayout(store_spec(run))
+    feats, rows, tr, te, va = split_tasks(run, mode, feats, val_fraction)
+    X, T = torch.tensor(feats.image_feats), torch.tensor(feats.text_feats)
     desc = lambda rs: T[torch.tensor([int(r.desc_text) for r in rs])]  # noqa: E731
-    val = dict(val=TaskData(layout, X, task_batch(va, T), desc(va)), val_ids=[r.id for r in va],
-               w_val=stored.w[[where[r.id] for r in va]]) if va else {}
-    return SplitData(
+    tasks = dict(
         name=mode, layout=layout,
         train=TaskData(layout, X, task_batch(tr, T), desc(tr)),
         test=TaskData(layout, X, task_batch(te, T), desc(te)),
         train_ids=[r.id for r in tr], test_ids=[r.id for r in te], test_descriptions=[r.description for r in te],
-        w_train=w_tr, w_test=w_te, norm=WeightNormalizer(layout).fit(w_tr), **val,
     )
+    if va:
+        tasks.update(val=TaskData(layout, X, task_batch(va, T), desc(va)), val_ids=[r.id for r in va])
+    if norm_state is not None:
+        norm = WeightNormalizer(layout)
+        norm.load_state_dict(norm_state)
+        return SplitData(**tasks, w_train=None, w_test=None, norm=norm)
+    stored = WeightStore(run.store).read(seeds=[0])
+    where = {t: i for i, t in enumerate(stored.meta["task_id"])}
+    missing_experts(run, rows, where)
+    w_tr = stored.w[[where[r.id] for r in tr]]
+    w_te = stored.w[[where[r.id] for r in te]]
+    w_va = dict(w_val=stored.w[[where[r.id] for r in va]]) if va else {}
+    return SplitData(**tasks, w_train=w_tr, w_test=w_te, norm=WeightNormalizer(layout).fit(w_tr), **w_va)
 
 
 # ----------------------------------------------------------------------------- plan and model files

@@ -19,6 +19,7 @@ from orchestrator.storage.rundir import RunDir
 from pipelines.core.cli import RunContext
 from pipelines.core.config import ConfigError, build, config_values, result_values
 from pipelines.zeroshot.data import load_split, read_plan, read_val_fraction, save_model, store_spec
+from pipelines.zeroshot.streamed import attach_streams, resolve_data_path, stream_inputs
 
 
 def up_to_date(path: Path, cfg, val_fraction: float = 0.0) -> bool:
@@ -54,8 +55,15 @@ def _loop(config: dict) -> None:
     combos = config["combos"] if ddp else config["combos"][rt.rank()::rt.world_size()]
     if not combos:
         return
+    norms = config.get("norms")  # streamed path: the normaliser per split, fit by the driver's streaming pass
+
+    def split_data(split: str):
+        if norms is None:
+            return load_split(run, split)
+        return attach_streams(load_split(run, split, norm_state=norms[split]))
+
     if config.get("train_many") is not None:
-        data = {split: load_split(run, split) for split in dict.fromkeys(s for s, _ in combos)}
+        data = {split: split_data(split) for split in dict.fromkeys(s for s, _ in combos)}
         units = [_Unit(config, split, seed, ddp) for split, seed in combos]
         t0 = time.perf_counter()
         results = config["train_many"](run, [(data[u.split], u.seed) for u in units], cfg, [u.hooks for u in units])
@@ -66,7 +74,7 @@ def _loop(config: dict) -> None:
     data = {}
     for split, seed in combos:
         if split not in data:
-            data = {split: load_split(run, split)}  # one split in memory at a time
+            data = {split: split_data(split)}  # one split in memory at a time
         unit = _Unit(config, split, seed, ddp)
         t0 = time.perf_counter()
         state, extra = config["train_one"](run, data[split], seed, cfg, unit.hooks)
@@ -110,6 +118,8 @@ class _Unit:
         """Save the trained model (and, under DDP, checkpoint it with Ray Train)."""
         rt, ddp, config = self.rt, self.ddp, self.config
         summary = {**self.tag, **self.metrics, **extra}
+        if data.streamed:  # the most experts one streamed batch brought into this worker
+            summary["streamed_peak_rows"] = max(s.peak_rows for s in data.experts.values())
         sidecar = {"kind": config["kind"], **self.tag, "stage_config": config_values(config["cfg"]),
                    "val_fraction": config.get("val_fraction", 0.0), "train_tasks": len(data.train_ids),
                    "metrics": summary, "series": self.series}
@@ -146,15 +156,19 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
         how = "sharing each model (DDP)" if cfg.ddp else "each training its own models" + (" at once" if many else "")
         ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
         steps = model_steps(kind, cfg)
+        datasets, norms = {}, None
+        if resolve_data_path(run, cfg) == "stream":
+            ctx.log(f"{kind}: streaming the weight store through Ray Data (data_path={cfg.data_path})")
+            datasets, norms = stream_inputs(run, sorted({s for s, _ in todo}), val_fraction, log=ctx.log)
         result = launch(
             _loop,
             {"train_one": train_one, "train_many": many, "kind": kind, "cfg": cfg, "run": run.to_dict(),
              "combos": todo, "threads": threads, "log_every": cfg.log_every, "val_fraction": val_fraction,
-             "model_steps": steps},
+             "model_steps": steps, "norms": norms},
             name=kind, run_dir=run, num_workers=workers, cpus_per_worker=threads,
             # the progress display belongs to a pipeline's driver (ctx.ray set), not to a sweep trial's worker
             stage=kind, progress_total=(steps * len(todo) or None) if ctx.ray is not None else None,
-            show_progress=ctx.progress, log=ctx.log,
+            show_progress=ctx.progress, log=ctx.log, datasets=datasets,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
     out = {}

@@ -65,3 +65,29 @@ def test_one_streaming_pass_fits_the_normaliser_as_a_fit_on_all_rows(ray_cluster
     assert torch.allclose(streamed.mean, whole.mean, rtol=0, atol=1e-12)
     assert torch.allclose(streamed.std, whole.std, rtol=1e-10, atol=0)
     assert not torch.equal(whole.std, torch.ones_like(whole.std))
+
+
+def test_seed_and_task_filters_read_exactly_the_rows_the_store_read_returns(ray_cluster, tmp_path):
+    from orchestrator.storage.stream import store_dataset, weights_of
+
+    store = WeightStore(tmp_path / "weights")
+    fill(store, 3)
+    ids = ["t0-1", "t2-3", "t1-0"]
+    want = store.read(task_ids=ids, seeds=[0])
+    got = [(t, row) for b in store_dataset(store, seeds=[0], task_ids=ids, ordered=True).iter_batches(batch_size=2, batch_format="numpy")
+           for t, row in zip(b["task_id"], weights_of(b))]
+    assert sorted(t for t, _ in got) == sorted(want.meta["task_id"]) and len(got) == 3
+    where = dict(zip(want.meta["task_id"], want.w))
+    assert all(torch.equal(row, where[t]) for t, row in got)
+
+
+def test_a_streamed_row_that_does_not_match_its_checksum_is_refused():
+    from orchestrator.storage.store import weights_checksum
+    from orchestrator.storage.stream import weights_of
+
+    w = np.ones((2, 3), np.float32)
+    good = {"task_id": np.array(["a", "b"]), "w": w, "checksum": np.array([weights_checksum(w[0])] * 2)}
+    assert torch.equal(weights_of(good), torch.ones(2, 3))
+    bad = dict(good, checksum=np.array([weights_checksum(w[0]), "0" * 32]))
+    with pytest.raises(StoreError, match="1 streamed expert.*task b"):
+        weights_of(bad)
