@@ -171,7 +171,8 @@ def test_prometheus_scrapes_metrics_that_agree_with_the_store(private_ray, run_d
         while time.monotonic() < deadline:
             res = query(port, f'sum(ray_farm_experts_trained_total{{run="{run}"}})')
             got = float(res[0]["value"][1]) if res else None
-            if got == rows and query(port, 'ray_train_loss{stage="toytrain"}'):
+            # the driver's gauges (ETA) are exported apart from the workers' metrics: wait for both kinds
+            if got == rows and query(port, 'ray_train_loss{stage="toytrain"}') and query(port, "ray_train_eta_seconds"):
                 break
             time.sleep(3)
         assert got == rows == 24, f"PromQL over Prometheus's scrape: {got} experts, the store holds {rows}"
