@@ -38,6 +38,16 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One local Ray (2 CPUs) for the module that asks for it, stopped at the module's end."""
+    from orchestrator.cluster import connect, shutdown
+
+    info = connect(num_cpus=2)
+    yield info
+    shutdown(info)
+
+
 @pytest.fixture(scope="session")
 def smoke_run_dir(tmp_path_factory) -> Path:
     """A run directory whose `features/` holds the smoke preset's features (24 procedural tasks)."""

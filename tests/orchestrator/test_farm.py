@@ -23,16 +23,6 @@ def experts_cfg(*overrides: str):
     return build_config(experts.ExpertsConfig, experts.PRESETS, "smoke", list(overrides))
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for this module, stopped at its end (tests in other modules start their own)."""
-    from orchestrator.cluster import connect, shutdown
-
-    info = connect(num_cpus=2)
-    yield info
-    shutdown(info)
-
-
 def farm(run_dir, cfg):
     from orchestrator.farm import run_farm
     from orchestrator.storage.suite_features import SuiteFeatures

@@ -16,15 +16,6 @@ pytestmark = [pytest.mark.ray]
 LAYOUT = WeightLayout(TaskNetSpec(d_img=4, hidden=3, d_txt=5))  # 35 weights in 4 layers
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    from orchestrator.cluster import connect, shutdown
-
-    info = connect(num_cpus=2)
-    yield info
-    shutdown(info)
-
-
 def fill(store: WeightStore, shards: int) -> None:
     for k in range(shards):
         m, w = make_rows("train", [f"t{k}-{i}" for i in range(5)], [0, 1], [5, 10], seed=k)

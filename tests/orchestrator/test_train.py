@@ -122,16 +122,6 @@ def crash_once(flag: Path, step: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for this module, stopped at its end (tests in other modules start their own)."""
-    from orchestrator.cluster import connect, shutdown
-
-    info = connect(num_cpus=2)
-    yield info
-    shutdown(info)
-
-
-@pytest.fixture(scope="module")
 def curves(ray_cluster, tmp_path_factory):
     """The same 30-step config trained with 1 and with 2 workers."""
     run_dir = tmp_path_factory.mktemp("train")

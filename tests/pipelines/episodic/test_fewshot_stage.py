@@ -11,16 +11,6 @@ from pipelines.core.cli import RunContext
 from pipelines.core.config import ConfigError, build_config
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """One local Ray for this module, stopped at its end."""
-    from orchestrator.cluster import connect, shutdown
-
-    info = connect(num_cpus=2)
-    yield info
-    shutdown(info)
-
-
 def test_splits_are_checked_and_recomputed_from_the_features(run_dir_with_features):
     from orchestrator.storage.suite_features import SuiteFeatures
 

@@ -15,15 +15,6 @@ SPLIT = "given"
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    from orchestrator.cluster import connect, shutdown
-
-    info = connect(num_cpus=2)
-    yield info
-    shutdown(info)
-
-
-@pytest.fixture(scope="module")
 def run_dir(zs_run_dir, tmp_path_factory):
     """The smoke run's experts in 4 shards, plus a second seed of every expert (which no stage may read)."""
     from orchestrator.storage.store import WeightStore
