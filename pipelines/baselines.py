@@ -11,12 +11,12 @@ Writes `models/baselines/`.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 import torch
 from pydantic import Field
 
-from pipelines.core.config import Runtime, stage_config
+from pipelines.core.config import DataPath, MemoryBudgetMb, Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
 
 
@@ -42,9 +42,9 @@ class BaselinesConfig:
     """MAML inner SGD steps"""
     maml_inner_lr: Annotated[float, Field(ge=0.0, le=10.0)] = 0.1
     """MAML inner learning rate"""
-    data_path: Literal["auto", "memory", "stream"] = "auto"
+    data_path: DataPath = "auto"
     """how workers get the weight normaliser: memory (each loads its split's experts whole to fit it), stream (fit in one Ray Data pass on the driver; workers read no expert; equal up to float rounding, so results may change in the last digits), auto (memory when the store fits memory_budget_mb)"""
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    memory_budget_mb: MemoryBudgetMb = 1024.0
     """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""

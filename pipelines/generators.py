@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from pipelines.core.cli import RunContext
-from pipelines.core.config import Plan, Runtime, Seed, stage_config
+from pipelines.core.config import DataPath, MemoryBudgetMb, Plan, Runtime, Seed, stage_config
 from pipelines.zeroshot.stage import entry_points
 
 SPLITS = ("random", "compositional", "given")
@@ -52,9 +52,9 @@ class GeneratorsConfig:
     """experts per HVAE step"""
     hvae_beta: Annotated[float, Field(ge=0.0)] = 1.0
     """KL weight of the HVAE's ELBO"""
-    data_path: Literal["auto", "memory", "stream"] = "auto"
+    data_path: DataPath = "auto"
     """how workers read the weight store: memory (each loads its split's experts whole), stream (Ray Data batches, never the whole store; the minibatch order differs, so results change), auto (memory when the store fits memory_budget_mb)"""
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    memory_budget_mb: MemoryBudgetMb = 1024.0
     """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 
-from pipelines.core.config import Runtime, stage_config
+from pipelines.core.config import DataPath, MemoryBudgetMb, Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
 
 
@@ -33,9 +33,9 @@ class HyperClipConfig:
     """(weights, description) pairs per step (all when fewer)"""
     hvae_inputs: Literal["experts", "reconstructions"] = "experts"
     """what the HVAE route's HyperCLIP trains on: the experts (measured better for guidance) or their HVAE reconstructions"""
-    data_path: Literal["auto", "memory", "stream"] = "auto"
+    data_path: DataPath = "auto"
     """how workers read the weight store: memory (each loads its split's experts whole), stream (Ray Data batches, never the whole store; the minibatch order differs, so results change), auto (memory when the store fits memory_budget_mb)"""
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    memory_budget_mb: MemoryBudgetMb = 1024.0
     """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from pipelines.core.config import Runtime, stage_config
+from pipelines.core.config import DataPath, MemoryBudgetMb, Runtime, stage_config
 from pipelines.zeroshot.stage import entry_points
 
 
@@ -39,9 +39,9 @@ class HyperLdmConfig:
     """share of conditions dropped to ∅ in training, for classifier-free guidance (paper: 20 %)"""
     rephrasings: Annotated[int, Field(ge=0, le=3)] = 0
     """training-time rephrasings per meta-train task (easyvqa questions only), each paired with the task's latent; 0: the suite's descriptions alone"""
-    data_path: Literal["auto", "memory", "stream"] = "auto"
+    data_path: DataPath = "auto"
     """how workers get the weight normaliser: memory (each loads its split's experts whole to fit it), stream (fit in one Ray Data pass on the driver; workers read no expert; equal up to float rounding, so results may change in the last digits), auto (memory when the store fits memory_budget_mb)"""
-    memory_budget_mb: Annotated[float, Field(gt=0)] = 1024.0
+    memory_budget_mb: MemoryBudgetMb = 1024.0
     """auto's limit: the store's committed rows x weights x 4 bytes, in MiB, that may be loaded whole"""
     num_workers: Annotated[int, Runtime, Field(ge=1)] = 2
     """Ray Train workers"""

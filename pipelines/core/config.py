@@ -24,7 +24,7 @@ import json
 import textwrap
 import types
 import typing
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pydantic
 from pydantic import ConfigDict, ValidationError
@@ -54,6 +54,8 @@ Runtime = Role("runtime")
 Plan = Role("plan")
 
 Seed = Annotated[int, pydantic.Field(ge=0)]  # numpy and torch generators take non-negative seeds only
+DataPath = Literal["auto", "memory", "stream"]  # how a zero-shot stage reads the weight store (pipelines.zeroshot.streamed)
+MemoryBudgetMb = Annotated[float, pydantic.Field(gt=0)]  # data_path auto: the most store bytes (MiB) loaded whole
 
 
 def stage_config(name: str, seed_field: str | None = "seed"):
