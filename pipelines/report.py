@@ -65,19 +65,19 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
     from pipelines.sweeps.trial import DONE, per_task_table
     from pipelines.zeroshot import description_ablation, memorisation
 
-    out, info = [], features_info(root)
-    zs = RunDir(root).results / "zero_shot.csv"
+    out, info, run = [], features_info(root), RunDir(root)
+    zs = run.results / "zero_shot.csv"
     if zs.exists():
         tasks = zs.with_name("zero_shot" + results.TASKS_SUFFIX + ".csv")
         per_task = pd.read_csv(tasks) if tasks.exists() else None
         md, png = results.render(pd.read_csv(zs), zs.parent, "zero_shot", TITLE, per_task, features_info=info)
         out.append(("Zero-shot", png, md.read_text()))
     for section, module in (("Memorisation", memorisation), ("Description ablation", description_ablation)):
-        csv = RunDir(root).results / f"{module.STEM}.csv"
+        csv = run.results / f"{module.STEM}.csv"
         if csv.exists():  # tables beside the zero-shot one, from the same generated networks
             md, = module.write(pd.read_csv(csv), csv.parent, csv=False, features_info=info)
             out.append((section, None, md.read_text()))
-    for csv in sorted(RunDir(root).sweeps.glob("*/results.csv")):
+    for csv in sorted(run.sweeps.glob("*/results.csv")):
         table, name, png = pd.read_csv(csv), csv.parent.name, csv.parent / "curve.png"
         table = names.resolve_given(table, info)  # for display only: the CSVs are not rewritten
         done = [csv.parent / DONE / f"{k}.json" for k in table["key"]]
@@ -86,7 +86,7 @@ def render_run(root: Path) -> list[tuple[str, Path, str]]:
         md = sweep_results.markdown(table, chosen, name, per_task)
         write_text(csv.parent / "results.md", md)
         out.append((f"Sweep {name}", png if sweep_results.curve_plot(table, chosen, png, name, per_task) else None, md))
-    fs = RunDir(root).results / "few_shot.csv"
+    fs = run.results / "few_shot.csv"
     if fs.exists():
         table, cfg = pd.read_csv(fs).astype({"seed": "Int64"}), few_shot_config(root)
         md = fewshot_report.markdown(table, cfg)
@@ -109,7 +109,8 @@ def highlights(root: Path) -> list[str]:
 
     from pipelines.sweeps.results import choose
 
-    zs, sweep = RunDir(root).results / "zero_shot.csv", RunDir(root).sweep("gamma") / "results.csv"
+    run = RunDir(root)
+    zs, sweep = run.results / "zero_shot.csv", run.sweep("gamma") / "results.csv"
     if not zs.exists():
         return []
     info = features_info(root)
