@@ -22,6 +22,7 @@ def committed_files(store: WeightStore) -> list[str]:
 
 
 IN_FLIGHT_BYTES = 256 * 2**20  # blocks read ahead of the consumer: bounds its memory whatever the store's size
+READ_TASKS = 2  # Parquet reads at once: a read task that reserves no CPU is otherwise not limited by the CPUs
 
 
 def store_dataset(store: WeightStore, columns: tuple[str, ...] = ("task_id", "seed", "w"), final_only: bool = True,
@@ -44,11 +45,13 @@ def store_dataset(store: WeightStore, columns: tuple[str, ...] = ("task_id", "se
     # Read tasks reserve no CPU: a stage's Ray Train workers may hold every CPU of the cluster, and reads that
     # waited for a free one would never run; they share the workers' cores, like a data-loader thread.
     # (Ray Data's newer read path lists files in a separate task that always asks for a CPU: use the
-    # single-operator read, whose tasks take the CPU request given here.)
+    # single-operator read, whose tasks take the CPU request given here.) Without a CPU to bound them, the
+    # number of reads at once must be bounded: each holds a shard's decoded columns in its own process, and
+    # a 50k-expert store otherwise started dozens of them and ran the node out of memory.
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        ds = ray.data.read_parquet(committed_files(store), shuffle=shuffle, ray_remote_args={"num_cpus": 0})
+        ds = ray.data.read_parquet(committed_files(store), shuffle=shuffle, num_cpus=0, concurrency=READ_TASKS)
     finally:
         ctx.use_datasource_v2 = v2
     keep = col("final") == True if final_only else None  # noqa: E712 - an expression, pushed down into the Parquet read
