@@ -92,8 +92,9 @@ def launch(
     from orchestrator import metrics
     from orchestrator.progress import Progress, Watcher, new_hub
 
-    storage = RunDir.of(run_dir).ray_train
-    storage.mkdir(parents=True, exist_ok=True)
+    storage, storage_fs = RunDir.of(run_dir).ray_train_storage()  # on the object store for a run there
+    if storage_fs is None:
+        Path(storage).mkdir(parents=True, exist_ok=True)
     os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
     stage = stage or name
     run_label = RunDir.of(run_dir).root.name
@@ -107,7 +108,8 @@ def launch(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # controller_failure_limit=0: a worker group that timed out starting is not retried for ever
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
