@@ -84,6 +84,9 @@ class RunDir:
             remote.fetch_missing(run.root)
         return run
 
+    def __reduce__(self):  # a RunDir sent to a Ray worker arrives through from_dict: its store mirror comes with it
+        return (RunDir.from_dict, (self.to_dict(),))
+
     def _inputs(self) -> "RunDir":
         """Where shared inputs (features, store, plan) are read from: the base run of an overlay."""
         return self.base._inputs() if self.base is not None else self
