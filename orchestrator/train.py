@@ -135,7 +135,7 @@ def launch(
                 "stage's num_workers, or add nodes, then rerun (finished models are kept)"
             ) from None
         raise TrainError(
-            f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage / name}; "
+            f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage}/{name}; "
             "launch again with the same name and run_dir to resume from the latest one."
         ) from e
     finally:

@@ -117,7 +117,7 @@ class Remote:
                 raise RemoteError(f"--run-dir {self.uri}: {self.endpoint()} refused the credentials ({_first_line(msg)}); "
                                   f"{hint}") from None
             raise RemoteError(f"--run-dir {self.uri}: cannot use the object store at {self.endpoint()} "
-                              f"({_first_line(msg)}); check AWS_ENDPOINT_URL and the network, then {hint}") from None
+                              f"({_first_line(msg)}); check AWS_ENDPOINT_URL, that the server is reachable, and the credentials") from None
 
     def endpoint(self) -> str:
         """Where the store is reached, for messages."""
