@@ -34,6 +34,7 @@ from models.errors import UserError
 
 CACHE_ENV = "WEIGHTGEN_CACHE"
 LOCAL_ONLY = {"lock.json"}  # the run lock's holder record: about this machine's processes only
+STORE_ONLY = "ray_train"  # Ray Train reads and writes its checkpoints on the store itself: never copied here
 CHUNK = 8 * 2**20
 
 
@@ -56,10 +57,11 @@ def working_copy(uri: str) -> Path:
 
 
 def _synced(rel: str) -> bool:
-    """Whether a file (path relative to the run) is one the store holds: temporary files and folders
-    (dot names), locks and the lock record are not."""
+    """Whether a file (path relative to the run) is kept the same here and on the store: temporary files
+    and folders (dot names), locks and the lock record are local only, Ray Train's checkpoints store only."""
     parts = rel.split("/")
-    return not any(p.startswith(".") for p in parts) and parts[-1] not in LOCAL_ONLY and not rel.endswith(".lock")
+    return (not any(p.startswith(".") for p in parts) and parts[-1] not in LOCAL_ONLY and not rel.endswith(".lock")
+            and STORE_ONLY not in parts)
 
 
 class Remote:
@@ -258,7 +260,7 @@ def sync_down(root: Path, prune: bool = True) -> int:
     remove local files the store lacks. Returns the number of files fetched."""
     root = Path(root).resolve()
     remote = _MIRRORS[root]
-    objects = remote.listing()
+    objects = {r: m for r, m in remote.listing().items() if _synced(r)}
     fetched = 0
     for rel, meta in objects.items():
         local = root / rel

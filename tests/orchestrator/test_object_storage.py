@@ -103,7 +103,7 @@ def test_smoke_pipeline_runs_on_s3(s3, smoke_run_dir):
     for shard, entry in manifest["shards"].items():  # every committed shard is a whole object with the committed bytes
         assert hashlib.sha256(objects[f"{run}/store/weights/{shard}.parquet"]).hexdigest() == entry["file_sha256"]
     models = [k for k in objects if k.startswith(f"{run}/models/") and k.endswith(".safetensors")]
-    assert {k.split("/")[3] for k in models} >= {"hvae", "hyperclip", "hyperldm"}, models
+    assert {k.split("/")[3] for k in models} >= {"generators", "hyperclip", "hyperldm"}, models
     assert f"{run}/models/plan.json" in objects and f"{run}/results/zero_shot.csv" in objects
     assert objects[f"{run}/results/zero_shot.png"][:4] == b"\x89PNG"  # written outside the atomic writers
     assert any(k.startswith(f"{run}/ray_train/") for k in objects), "Ray Train's checkpoints live on the store"
