@@ -127,11 +127,11 @@ class Remote:
         return ep if ep and self.uri.startswith("s3") else f"{urlparse(self.uri).scheme}://"
 
     # -- objects --------------------------------------------------------------------------------------
-    def listing(self) -> dict[str, tuple[int, int]]:
-        """{relative path: (size, modification time in whole seconds)} of every object under the run."""
+    def listing(self, under: str = "") -> dict[str, tuple[int, int]]:
+        """{relative path: (size, modification time in whole seconds)} of every object under the run (or its folder `under`)."""
         from pyarrow import fs as pafs
 
-        sel = pafs.FileSelector(self.key(""), recursive=True, allow_not_found=True)
+        sel = pafs.FileSelector(self.key(under), recursive=True, allow_not_found=True)
         n = len(self.key("")) + 1
         return {i.path[n:]: (i.size, _seconds(i.mtime)) for i in self.fs.get_file_info(sel) if i.type == pafs.FileType.File}
 
@@ -235,7 +235,7 @@ def published_dir(path: Path) -> None:
              if f.is_file() and _synced(f"{prefix}/{f.relative_to(path).as_posix()}")}
     for rel in _markers_last(list(files)):
         remote.put(files[rel], f"{prefix}/{rel}")
-    stale = [r for r in remote.listing() if r.startswith(prefix + "/") and r[len(prefix) + 1:] not in files]
+    stale = [r for r in remote.listing(prefix) if r[len(prefix) + 1:] not in files]
     for rel in stale:
         remote.delete(rel)
 

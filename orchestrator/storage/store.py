@@ -9,6 +9,10 @@ A shard is trusted only when its file hash matches the manifest and every row's 
 matches its weights. All rows share one config hash: a shard of another config is refused
 when written, and a store holding two is reported as damaged when read, never returned mixed. A lost
 manifest is rebuilt from the shard files whose row checksums verify.
+
+In a run on object storage (orchestrator.storage.remote) each file is also put to the store once it is
+complete: a shard object by the actor that wrote it, the manifest by the driver after the shard it lists.
+A shard file this node lacks (another node wrote it) is fetched from the store before it is read.
 """
 from __future__ import annotations
 

@@ -82,6 +82,13 @@ def test_writes_are_put_to_the_store_and_the_store_is_the_run(s3, tmp_path):
     (run.root / "results" / "figure.png").write_bytes(b"\x89PNG")  # a writer outside atomic_path: put at stage end
     assert remote.sync_up(run.root) == 1 and keys(client, "unit/run/results") == {"unit/run/results/figure.png": b"\x89PNG"}
     assert remote.sync_up(run.root) == 0  # in sync: nothing put twice
+    from orchestrator.storage.atomic import atomic_dir
+
+    for names in (("a.parquet", "info.json"), ("a.parquet",)):  # a folder replaced whole: its old objects go too
+        with atomic_dir(run.features) as tmp:
+            for name in names:
+                (tmp / name).write_text(name)
+    assert set(keys(client, "unit/run/features/")) == {"unit/run/features/a.parquet"}
 
 
 @pytest.mark.ray
