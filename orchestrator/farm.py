@@ -25,6 +25,7 @@ from orchestrator.shards import (  # re-exported: callers import the farm's plan
     untrainable_tasks,
 )
 from orchestrator.progress import Progress, Reporter, new_hub
+from orchestrator.storage import remote
 from orchestrator.storage.store import StoreError, WeightStore
 from orchestrator.storage.suite_features import SuiteFeatures
 
@@ -35,8 +36,10 @@ class FarmWorker:
     driver's progress hub its step within the shard (orchestrator.progress). It writes each shard's file to
     the store itself and returns only small metadata; the driver commits it."""
 
-    def __init__(self, data: SuiteFeatures, cfg, threads: int, store_root: str, chash: str, hub=None):
+    def __init__(self, data: SuiteFeatures, cfg, threads: int, store_root: str, chash: str, hub=None,
+                 mirrors: dict | None = None):
         torch.set_num_threads(threads)
+        remote.install(mirrors or {})  # a run on object storage: each shard file is put there once written
         self.data, self.cfg = data, cfg
         self.store, self.chash = WeightStore(Path(store_root)), chash
         self.tensors = feature_tensors(data)
@@ -169,7 +172,7 @@ def run_farm(data: SuiteFeatures, cfg, store: WeightStore, progress: bool = True
         # No Ray-side restarts: the driver replaces a dead actor itself and resubmits its shards.
         names[i] = f"farm-worker-{i}" + (f"-r{generation[i]}" if generation[i] else "")
         return FarmWorker.options(name=names[i], num_cpus=cfg.cpus_per_actor).remote(
-            data_ref, cfg, cfg.cpus_per_actor, str(Path(store.root).resolve()), chash, hub)
+            data_ref, cfg, cfg.cpus_per_actor, str(Path(store.root).resolve()), chash, hub, remote.snapshot())
 
     workers = [new_worker(i) for i in range(n_actors)]
     queue = list(reversed(todo))

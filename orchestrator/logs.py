@@ -135,6 +135,11 @@ def _at_exit() -> None:
         if _handler.target is None and _timings.stat().st_mtime >= _STARTED:
             _handler.open()
     _handler.close()
+    if _handler.path.exists():  # a run on object storage: its complete log goes there too
+        from orchestrator.storage import remote
+
+        with contextlib.suppress(Exception):
+            remote.published(_handler.path)
 
 
 def _route(logger: logging.Logger, console_level: int = logging.WARNING) -> None:

@@ -53,7 +53,7 @@ class TrainResult:
     """What a finished run left: rank 0's metrics and the final checkpoint, read back from disk."""
 
     metrics: list[dict]  # rank 0's metrics from every report() call, in order (restored history included)
-    checkpoint_dir: Path | None  # the final checkpoint's folder, None if the loop never saved state
+    checkpoint_dir: Path | None  # the final checkpoint's folder, None if the loop never saved state (or it is on an object store)
     state: dict[str, torch.Tensor] | None  # tensors of the final checkpoint
     config: dict  # config.json of the final checkpoint (the launch config when there is none); JSON-plain
     wall_s: float = 0.0  # seconds in trainer.fit(), worker-group start included
@@ -92,8 +92,9 @@ def launch(
     from orchestrator import metrics
     from orchestrator.progress import Progress, Watcher, new_hub
 
-    storage = RunDir.of(run_dir).ray_train
-    storage.mkdir(parents=True, exist_ok=True)
+    storage, storage_fs = RunDir.of(run_dir).ray_train_storage()  # on the object store for a run there
+    if storage_fs is None:
+        Path(storage).mkdir(parents=True, exist_ok=True)
     os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
     stage = stage or name
     run_label = RunDir.of(run_dir).root.name
@@ -107,7 +108,8 @@ def launch(
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            storage_path=storage,
+            storage_filesystem=storage_fs,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # controller_failure_limit=0: a worker group that timed out starting is not retried for ever
             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
@@ -133,7 +135,7 @@ def launch(
                 "stage's num_workers, or add nodes, then rerun (finished models are kept)"
             ) from None
         raise TrainError(
-            f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage / name}; "
+            f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage}/{name}; "
             "launch again with the same name and run_dir to resume from the latest one."
         ) from e
     finally:
@@ -142,8 +144,11 @@ def launch(
             metrics.gauge("train_eta_seconds", 0.0, keep=True, **driver)
     wall = time.perf_counter() - t0
 
-    ckpt_dir = Path(result.checkpoint.path) if result.checkpoint is not None else None
-    state, saved_config, saved = (None, dict(config), {}) if ckpt_dir is None else read_checkpoint(ckpt_dir)
+    ckpt_dir, state, saved_config, saved = None, None, dict(config), {}
+    if result.checkpoint is not None:
+        ckpt_dir = Path(result.checkpoint.path) if storage_fs is None else None  # on an object store: no local folder
+        with result.checkpoint.as_directory() as d:  # a local checkpoint is read in place, a remote one fetched
+            state, saved_config, saved = read_checkpoint(Path(d))
     # return_value is rank 0's full history (see _entry); the checkpoint's copy is a fallback that
     # misses only the calls made after the last checkpoint.
     metrics = result.return_value if result.return_value is not None else saved.get("history", [])

@@ -1,4 +1,7 @@
-"""Write files so a crash never leaves a half-written one: temporary name in the same folder, then rename."""
+"""Write files so a crash never leaves a half-written one: temporary name in the same folder, then rename.
+
+In a run directory on object storage, each completed file (or folder) is then put to the store
+(orchestrator.storage.remote): every writer of run files is hooked here once."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from orchestrator.storage import remote
 
 
 @contextlib.contextmanager
@@ -26,6 +31,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    remote.published(path)
 
 
 @contextlib.contextmanager
@@ -52,6 +58,7 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    remote.published_dir(path)
 
 
 def write_json(path: Path, obj) -> None:

@@ -9,6 +9,10 @@ A shard is trusted only when its file hash matches the manifest and every row's 
 matches its weights. All rows share one config hash: a shard of another config is refused
 when written, and a store holding two is reported as damaged when read, never returned mixed. A lost
 manifest is rebuilt from the shard files whose row checksums verify.
+
+In a run on object storage (orchestrator.storage.remote) each file is also put to the store once it is
+complete: a shard object by the actor that wrote it, the manifest by the driver after the shard it lists.
+A shard file this node lacks (another node wrote it) is fetched from the store before it is read.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch
 
 from models.errors import UserError
 from orchestrator.storage.arrow_vectors import to_column, to_matrix
+from orchestrator.storage import remote
 from orchestrator.storage.atomic import atomic_path, write_json
 
 MANIFEST = "manifest.json"
@@ -170,7 +175,7 @@ class WeightStore:
             manifest = self.manifest(locked=True)
             self.check_config(shard_id, set(written["config_hashes"]), manifest)
             path = self.root / f"{shard_id}.parquet"
-            if not path.exists():
+            if not remote.exists(path):  # in a run on object storage, an actor on another node put it there
                 raise StoreError(f"shard {shard_id}: its file {path} is missing at commit (written to another file system?); "
                                  "every farm node must see the run directory")
             manifest["shards"][shard_id] = {"rows": written["rows"], "file_sha256": written["file_sha256"], **info}
@@ -198,6 +203,7 @@ class WeightStore:
         path = self.root / f"{shard_id}.parquet"
         if entry is None:
             return "not in manifest"
+        remote.fetch(path)  # a run on object storage: a shard another node wrote
         if not path.exists():
             return f"file {path.name} missing"
         if file_sha256(path) != entry["file_sha256"]:
@@ -226,7 +232,7 @@ class WeightStore:
 
     def _read_table(self, shard_id: str, **kw) -> pa.Table:
         """One shard's table; a truncated or garbled file is a StoreError naming it and the fix."""
-        path = self.root / f"{shard_id}.parquet"
+        path = remote.fetch(self.root / f"{shard_id}.parquet")
         try:
             return pq.read_table(path, **kw)
         except Exception as e:
@@ -258,7 +264,7 @@ class WeightStore:
         weights, metas = [], []
         entries = self.manifest()["shards"]
         for sid in shards:
-            path = self.root / f"{sid}.parquet"
+            path = remote.fetch(self.root / f"{sid}.parquet")
             if not path.exists() or file_sha256(path) != entries[sid]["file_sha256"]:
                 raise StoreError(
                     f"shard {path} is missing or does not match its manifest sha256 (corrupted or replaced); "

@@ -10,6 +10,7 @@ import numpy as np
 import ray.data
 import torch
 
+from orchestrator.storage import remote
 from orchestrator.storage.store import StoreError, WeightStore, weights_checksum
 
 
@@ -18,7 +19,7 @@ def committed_files(store: WeightStore) -> list[str]:
     shards = store.completed_shards()
     if not shards:
         raise StoreError(f"no weights in {store.root}: run `python -m pipelines.experts` first")
-    return [str((store.root / f"{s}.parquet").resolve()) for s in shards]
+    return [str(remote.fetch(store.root / f"{s}.parquet").resolve()) for s in shards]
 
 
 IN_FLIGHT_BYTES = 256 * 2**20  # blocks read ahead of the consumer: bounds its memory whatever the store's size

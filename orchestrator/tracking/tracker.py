@@ -109,7 +109,7 @@ class MlflowTracker:
         user_uri = os.environ.get("MLFLOW_TRACKING_URI")
         self.uri = default_uri(run.mlflow_db)
         check_store(self.uri)
-        self.artifact_root = None if user_uri else run.mlflow_artifacts.as_uri()
+        self.artifact_root = None if user_uri else run.mlflow_artifacts_uri
         self.experiment = experiment
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         with store_lock(self.uri):  # a new SQLite store's tables are created here: by one process at a time

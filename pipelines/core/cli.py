@@ -49,7 +49,9 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """Arguments shared by every stage."""
     p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--preset", default="default", help=f"config preset: {', '.join(PRESETS)} (smoke is small enough for tests)")
-    p.add_argument("--run-dir", type=Path, default=None, help="everything this run writes goes here (default runs/<name>)")
+    p.add_argument("--run-dir", type=run_location, default=None,
+                   help="everything this run writes goes here (default runs/<name>): a folder, or an object-store URI "
+                        "such as s3://bucket/runs/x (endpoint and credentials from the AWS_* environment variables)")
     p.add_argument("--name", default=None, help="run name, used for the default run directory (default: the preset)")
     p.add_argument("--seed", type=int, default=None,
                    help="global seed: sets each stage's seed field (features, experts, fewshot: seed; sweep: search_seed)")
@@ -68,8 +70,41 @@ def base_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def prepare_run_dir(run_dir: Path) -> Path:
-    """Create the run directory, failing clearly when it cannot be written; returns its absolute path."""
+def run_location(text: str) -> "Path | str":
+    """--run-dir: a URI stays a string (a Path would fold its `//`), anything else is a folder."""
+    from orchestrator.storage.remote import is_uri
+
+    return text if is_uri(text) else Path(text)
+
+
+def prepare_run_dir(location: "Path | str") -> "RunDir":
+    """The run directory, created and proven writable before any work starts (one clear error otherwise).
+
+    On object storage the bucket, the credentials and a test write are checked first, before anything
+    local is created; `sync_working_copy` then fetches the run (once the run lock is held)."""
+    from orchestrator.storage import remote
+    from orchestrator.storage.rundir import RunDir
+
+    if remote.is_uri(location):
+        remote.Remote(str(location)).preflight()
+        run = RunDir.at(location)
+        _writable(run.root)
+        return run
+    return RunDir(_writable(Path(location)))
+
+
+def sync_working_copy(run: "RunDir", log) -> None:
+    """A run on object storage: make its local working copy what the store holds (a resume continues from
+    the store, never from files that did not reach it). Call it holding the run lock."""
+    from orchestrator.storage import remote
+
+    if run.uri is not None:
+        fetched = remote.sync_down(run.root)
+        log(f"run directory {run.uri} (working copy {run.root}; {fetched} file(s) fetched)")
+
+
+def _writable(run_dir: Path) -> Path:
+    """Create a local folder, failing clearly when it cannot be written; returns its absolute path."""
     run_dir = Path(run_dir).resolve()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from orchestrator.storage.atomic import write_json
-from pipelines.core.cli import PRESETS, RunContext, base_parser, prepare_run_dir
+from pipelines.core.cli import PRESETS, RunContext, base_parser, prepare_run_dir, sync_working_copy
 from pipelines.core.config import ConfigError
 from pipelines.core.stages import STAGES, stage_module
 
@@ -129,6 +129,14 @@ def make_parser(prog: str, doc: str | None, stages: tuple[str, ...], mods: dict,
     return parser
 
 
+def put_stage_files(run) -> None:
+    """A run on object storage: put what a stage wrote outside the atomic writers (figures, logs) to the store."""
+    if run.uri is not None:
+        from orchestrator.storage import remote
+
+        remote.sync_up(run.root)
+
+
 def stage_params(cfgs: dict) -> dict[str, str]:
     """Every stage's resolved config as MLflow params prefixed by stage (`experts.steps`, `fewshot.maml.lr`)."""
     from orchestrator.tracking.tags import flat_params
@@ -158,12 +166,10 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
         print(config_yaml(cfgs), end="")
         return 0
 
-    from orchestrator.storage.rundir import RunDir
-
     from orchestrator.storage.runlock import RunLock
 
-    run = RunDir(prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset)))
     command = shlex.join(["python", "-m", f"pipelines.{prog}", *argv])
+    run = prepare_run_dir(args.run_dir or Path("runs") / (args.name or args.preset))
     ctx = RunContext(run=run, address=args.address, preset=args.preset, progress=not args.no_progress)
     # One writer per run directory for the whole invocation: stores, manifests and the MLflow database
     # are created and updated by this process alone (a second invocation is refused or waits).
@@ -171,13 +177,14 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     t_start = time.perf_counter()
     from orchestrator import logs
 
-    logs.setup(run)  # everything to <run_dir>/logs/; the console keeps the pipeline's lines and warnings
     try:
+        sync_working_copy(run, ctx.log)
+        logs.setup(run)  # everything to <run_dir>/logs/; the console keeps the pipeline's lines and warnings
         record_invocation(run, cfgs, command)
         from orchestrator.tracking import MlflowTracker
 
-        ctx.tracker = MlflowTracker(run.root)
-        ctx.log(f"run directory: {run.root}")
+        ctx.tracker = MlflowTracker(run)
+        ctx.log(f"run directory: {run.location}")
         ctx.log(f"MLflow store: {ctx.tracker.uri}  (open it: {ctx.tracker.ui_command()})")
         if any(mods[s].NEEDS_RAY for s in stages):
             from orchestrator.cluster import connect
@@ -204,6 +211,7 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
                 if hasattr(mods[s], "headline"):  # the results a table of runs should show, on the parent run
                     ctx.tracker.metrics(mods[s].headline(metrics))
                 ctx.timings[f"{s}_s"] = time.perf_counter() - t0
+                put_stage_files(run)
                 ctx.log(f"stage {s}: done in {ctx.timings[f'{s}_s']:.1f}s")
             log_datasets(ctx)
             if prog == "full":  # the run's results page, from the files its stages just wrote
@@ -218,6 +226,10 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
             from orchestrator.cluster import shutdown
 
             shutdown(ctx.ray)
+        try:
+            put_stage_files(run)  # the logs, and whatever a failed stage finished
+        except Exception as e:  # noqa: BLE001 - must not hide the error that ended the run
+            ctx.log(f"warning: could not put the run's last files to {run.uri}: {e}")
         lock.release()
     ctx.log("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in ctx.timings.items()))
     return 0
