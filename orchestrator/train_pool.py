@@ -72,6 +72,16 @@ class WarmPool:
         return not datasets and num_workers * cpus_per_worker <= self.cpus
 
     def _grow(self, n: int) -> None:
+        # An idle actor may have died since the last launch (e.g. Ray's memory monitor killed it): replace it.
+        dead = []
+        for a in self.actors:
+            try:
+                ray.get(a.pid.remote(), timeout=60)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                dead.append(a)
+        if dead:
+            self.log(f"warm worker group: replacing {len(dead)} actor(s) that died while idle")
+            self.drop(dead)
         where = NodeAffinitySchedulingStrategy(self.node_id, soft=False)
         while len(self.actors) < n:
             self.actors.append(WarmWorker.options(scheduling_strategy=where).remote())

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+import ray
 import ray.cloudpickle
 from orchestrator import train
 from orchestrator.train_pool import warm_pool
@@ -86,3 +87,6 @@ def test_failed_rank_stops_the_launch_and_the_pool_recovers(ray_cluster, tmp_pat
         assert time.perf_counter() - t0 < 120 and pool.actors == []
         run = train.launch(toy_loop, cfg, name="toy-after", run_dir=tmp_path, num_workers=2)
         assert run.warm and [m["step"] for m in run.metrics] == [1, 2, 3, 4]
+        ray.kill(pool.actors[1])  # an idle actor dies (e.g. Ray's memory monitor): the next launch replaces it
+        run = train.launch(toy_loop, cfg, name="toy-after-kill", run_dir=tmp_path, num_workers=2)
+        assert run.warm and [m["step"] for m in run.metrics] == [1, 2, 3, 4] and len(pool.actors) == 2
