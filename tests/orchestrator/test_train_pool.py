@@ -27,7 +27,8 @@ def same_state(a: dict, b: dict) -> bool:
 
 def test_warm_launches_reuse_their_workers_and_match_ray_train(ray_cluster, tmp_path):
     cfg = {**BASE, "steps": 12, "ckpt_every": 4}
-    cold = {n: train.launch(toy_loop, cfg, name=f"cold-{n}w", run_dir=tmp_path, num_workers=n) for n in (1, 2)}
+    cold = {2: train.launch(toy_loop, cfg, name="cold-2w", run_dir=tmp_path, num_workers=2)}
+    ref_losses, ref_state = reference(cfg)  # one worker: Ray Train matches the in-process loop bit for bit (test_train)
     with warm_pool() as pool:
         warm = []
         for i, n in enumerate((1, 2, 1)):
@@ -39,10 +40,13 @@ def test_warm_launches_reuse_their_workers_and_match_ray_train(ray_cluster, tmp_
     print(f"\n[pool] launch wall s: Ray Train {walls['cold']}, warm {walls['warm']}")
     for i, (run, n) in enumerate(zip(warm, (1, 2, 1, 2))):
         assert run.warm and run.checkpoint_dir.parent.name == f"warm-{i}"
-        assert [m["loss"] for m in run.metrics] == [m["loss"] for m in cold[n].metrics], f"launch {i}, {n} worker(s)"
-        assert same_state(run.state, cold[n].state)
+        if n == 2:
+            assert [m["loss"] for m in run.metrics] == [m["loss"] for m in cold[2].metrics], f"launch {i}"
+            assert same_state(run.state, cold[2].state)
+        else:
+            assert [m["loss"] for m in run.metrics] == ref_losses, f"launch {i}"
+            assert same_state(run.state, ref_state)
         assert 0 < run.loop_s < run.wall_s
-    assert same_state(warm[2].state, reference(cfg)[1]), "1 worker: bit-exact with the in-process loop"
     assert max(walls["warm"][1:]) < min(walls["cold"]), "a warm launch is cheaper than starting a worker group"
 
 
