@@ -2,6 +2,7 @@
 
     python bench/stages.py --run runs/default                       # HyperLDM on a finished default run's data
     python bench/stages.py --run runs/default --set steps=300       # shorter: the rates are per step
+    python bench/stages.py --overhead-run runs/smoke --overhead-default-run runs/default   # overhead figures only
 
 For the HyperLDM stage, on the given run's features, experts, plan and generators (read only: the stage
 writes its models into overlays under --work): the machine's matmul GFLOP/s (a large square fp32
@@ -11,7 +12,12 @@ loop training the first --plain-models denoisers one at a time in this process (
 --plain-threads threads); models/s and executed matmul GFLOP/s of each, the latter as a share of the peak;
 how far the batched stage's weights and meta-test accuracies (γ = 1 DDIM samples, decoded by the
 route) are from the plain loop's and from the run's own models. The load average is printed before
-and after: the machine may be shared. The last line is one JSON object.
+and after: the machine may be shared.
+
+The pipeline's orchestration overhead, from finished runs' timings.json (--overhead-run: a smoke run,
+--overhead-default-run: a default one): the wall time minus the time spent inside the stages' training,
+encoding and evaluation loops (each stage's `<stage>_loop_s`), as a fraction of the wall time.
+The last line is one JSON object.
 """
 from __future__ import annotations
 
@@ -121,6 +127,36 @@ def compare(base, overlay, units, plain: dict, steps: int) -> dict:
     return {**{k: round(v, 6) for k, v in gap.items()}, **means}
 
 
+def overhead(run_dir: Path) -> dict:
+    """The run's wall time, the part of it inside its stages' loops, and the rest (orchestration) per stage and as a
+    fraction of the wall time; a stage without `<stage>_loop_s` counts whole as overhead (None: the run has none)."""
+    from orchestrator.storage.rundir import RunDir
+    from pipelines.core.stages import STAGES
+
+    t = json.loads(RunDir(run_dir).timings.read_text())
+    stages = [s for s in STAGES if f"{s}_s" in t]
+    if not any(f"{s}_loop_s" in t for s in stages):
+        return {"run": str(run_dir), "overhead_fraction": None, "why": "its timings.json predates loop timings"}
+    loop = {s: min(t.get(f"{s}_loop_s", 0.0), t[f"{s}_s"]) for s in stages}
+    wall = t["total_s"]
+    return {"run": str(run_dir), "wall_s": round(wall, 1), "loop_s": round(sum(loop.values()), 1),
+            "overhead_fraction": round(1 - sum(loop.values()) / wall, 3),
+            "stage_overhead_s": {s: round(t[f"{s}_s"] - loop[s], 1) for s in stages},
+            "stage_loop_s": {s: round(v, 1) for s, v in loop.items()}, "ray_start_s": round(t.get("ray_start_s", 0.0), 1)}
+
+
+def overhead_figures(smoke: Path | None, default: Path | None) -> dict:
+    """overhead_fraction_{smoke,default} (None for a run not given), printed with their breakdown."""
+    out = {}
+    for label, run in (("smoke", smoke), ("default", default)):
+        o = overhead(run) if run is not None else None
+        if o is not None:
+            for k, v in o.items():
+                print(f"{'overhead ' + label + ' ' + k:>44}: {v}", flush=True)
+        out[f"overhead_fraction_{label}"] = o["overhead_fraction"] if o else None
+    return out
+
+
 def main() -> None:
     from models.zeroshot.batched_ldm import ldm_step_flops
     from orchestrator.storage.rundir import RunDir
@@ -129,7 +165,10 @@ def main() -> None:
     from pipelines.zeroshot.data import read_plan
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", type=Path, required=True, help="a finished run directory (read only): its data and generators")
+    p.add_argument("--run", type=Path, default=None, help="a finished run directory (read only): its data and generators "
+                   "(without it, only the overhead figures)")
+    p.add_argument("--overhead-run", type=Path, default=None, help="a finished smoke run: its orchestration overhead")
+    p.add_argument("--overhead-default-run", type=Path, default=None, help="a finished default run: its orchestration overhead")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-stages", help="where the stages' models go")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPUs for the stage's workers and the plain loop")
     p.add_argument("--plain-models", type=int, default=0, help="denoisers the plain loop trains (0: all)")
@@ -138,6 +177,10 @@ def main() -> None:
     p.add_argument("--plain-threads", type=int, default=1, help="torch threads of the plain loop")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="HyperLDM config overrides (e.g. steps=300)")
     a = p.parse_args()
+    over = overhead_figures(a.overhead_run, a.overhead_default_run)
+    if a.run is None:
+        print(json.dumps(over))
+        return
     base = RunDir(a.run)
     splits, seeds = read_plan(base)
     units = [(s, k) for s in splits for k in seeds]
@@ -176,7 +219,7 @@ def main() -> None:
         hyperldm_peak_fraction=round(gflops(n_models, batched_s) / peak, 3),
         hyperldm_one_at_a_time_stage_peak_fraction=round(gflops(n_models, single_s) / peak, 3),
         hyperldm_plain_peak_fraction=round(gflops(n_plain, plain_s) / peak, 3),
-        **gap, load_after=load(),
+        **gap, load_after=load(), **over,
     )
     for k, v in result.items():
         print(f"{k:>44}: {v}", flush=True)

@@ -12,12 +12,15 @@ Resume (Ray Train V2): there is no `Trainer.restore`; constructing the trainer a
 `<storage_path>/<name>/`, after which `ray.train.get_checkpoint()` on every worker returns the latest
 reported checkpoint. The loop must cooperate: call `restore()` first and skip the steps it returns.
 The same path serves in-run retries (`FailureConfig(max_failures=...)`).
+
+Inside `orchestrator.train_pool.warm_pool()` the same loop runs on a warm worker group instead of a new
+Ray Train one (no worker-group start per launch); its checkpoints sit beside Ray Train's, listed in
+WARM_INDEX, and `restore()` and the returned result take the newest of either kind.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import tempfile
 import time
@@ -27,20 +30,27 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from models.errors import UserError
-from orchestrator.storage.atomic import write_json
 from orchestrator.storage.rundir import RunDir
+from orchestrator.train_checkpoints import (  # noqa: F401 - part of this module's interface
+    CONFIG_FILE,
+    KEEP_CHECKPOINTS,
+    METRICS_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    read_checkpoint,
+    save_warm_checkpoint,
+    write_checkpoint,
+)
 
 START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-STATE_FILE = "state.safetensors"  # tensors only: no pickle anywhere in a checkpoint
-CONFIG_FILE = "config.json"  # the loop's config, saved with every checkpoint
-METRICS_FILE = "metrics.json"  # {"step", "latest", "history"}: history lets a resumed run keep its curve
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often the controller polls the workers (Ray's default: 2 s)
+POLL_INTERVAL_S = 0.25
 
 
 
@@ -56,7 +66,9 @@ class TrainResult:
     checkpoint_dir: Path | None  # the final checkpoint's folder, None if the loop never saved state (or it is on an object store)
     state: dict[str, torch.Tensor] | None  # tensors of the final checkpoint
     config: dict  # config.json of the final checkpoint (the launch config when there is none); JSON-plain
-    wall_s: float = 0.0  # seconds in trainer.fit(), worker-group start included
+    wall_s: float = 0.0  # seconds in the launch, worker-group start included
+    loop_s: float = 0.0  # seconds inside the loop on its slowest worker: the launch's work; the rest is its overhead
+    warm: bool = False  # run on the warm worker group (orchestrator.train_pool), not a new Ray Train one
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -90,31 +102,20 @@ def launch(
     dataset was built with (Ray Train would otherwise replace them with its defaults, e.g. its read-ahead cap).
     """
     from orchestrator import metrics
+    from orchestrator import train_pool
     from orchestrator.progress import Progress, Watcher, new_hub
 
+    local = RunDir.of(run_dir).ray_train  # the working copy's folder (the run's own for a local run)
     storage, storage_fs = RunDir.of(run_dir).ray_train_storage()  # on the object store for a run there
     if storage_fs is None:
-        Path(storage).mkdir(parents=True, exist_ok=True)
-    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
+        local.mkdir(parents=True, exist_ok=True)
     stage = stage or name
     run_label = RunDir.of(run_dir).root.name
     hub = new_hub() if progress_total else None
-    trainer = TorchTrainer(
-        train_loop_per_worker=functools.partial(_entry, loop, {"hub": hub, "stage": stage, "run": run_label}),
-        train_loop_config=dict(config),
-        datasets=datasets or None,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options={
-            k: ds.context.execution_options for k, ds in (datasets or {}).items()}),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=name,
-            storage_path=storage,
-            storage_filesystem=storage_fs,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            # controller_failure_limit=0: a worker group that timed out starting is not retried for ever
-            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
-        ),
-    )
+    where = {"hub": hub, "stage": stage, "run": run_label, "dir": str(local / name)}
+    pool = train_pool.active()
+    # The warm group checkpoints into local folders: a run on an object store keeps Ray Train's checkpoints there.
+    warm = pool is not None and storage_fs is None and pool.fits(num_workers, cpus_per_worker, datasets)
     t0 = time.perf_counter()
     watch = contextlib.nullcontext()
     if hub is not None:
@@ -124,44 +125,95 @@ def launch(
         watch = Watcher(hub, bar, describe=_describe)
     try:
         with watch:
-            result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        if "worker group startup timed out" in str(e):
-            cpus = ray.cluster_resources().get("CPU", 0)
-            largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
-            raise TrainError(
-                f"Ray Train could not place {num_workers} worker(s) x {cpus_per_worker} CPU for {name!r} within "
-                f"{start_timeout_s:g}s: the cluster has {cpus:g} CPU ({largest:g} on its largest node); lower the "
-                "stage's num_workers, or add nodes, then rerun (finished models are kept)"
-            ) from None
-        raise TrainError(
-            f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage}/{name}; "
-            "launch again with the same name and run_dir to resume from the latest one."
-        ) from e
+            if warm:
+                returned, reported = _run_warm_pool(pool, loop, where, config, name, local, num_workers,
+                                                    max_failures, cpus_per_worker, start_timeout_s), None
+            else:
+                returned, reported = _run_ray_train(loop, where, config, name, storage, storage_fs, num_workers,
+                                                    max_failures, cpus_per_worker, start_timeout_s, datasets)
     finally:
         if hub is not None:
             ray.kill(hub)
             metrics.gauge("train_eta_seconds", 0.0, keep=True, **driver)
     wall = time.perf_counter() - t0
 
-    ckpt_dir, state, saved_config, saved = None, None, dict(config), {}
-    if result.checkpoint is not None:
-        ckpt_dir = Path(result.checkpoint.path) if storage_fs is None else None  # on an object store: no local folder
-        with result.checkpoint.as_directory() as d:  # a local checkpoint is read in place, a remote one fetched
-            state, saved_config, saved = read_checkpoint(Path(d))
-    # return_value is rank 0's full history (see _entry); the checkpoint's copy is a fallback that
+    if storage_fs is not None:  # on an object store: Ray Train's checkpoint only, fetched, no local folder
+        ckpt_dir, state, saved_config, saved = None, None, dict(config), {}
+        if reported is not None:
+            with reported.as_directory() as d:
+                state, saved_config, saved = read_checkpoint(Path(d))
+    else:
+        found = [p for p in (reported and Path(reported.path), latest_checkpoint(local / name)) if p is not None]
+        ckpt_dir = max(found, key=lambda p: p.name, default=None)
+        state, saved_config, saved = (None, dict(config), {}) if ckpt_dir is None else read_checkpoint(ckpt_dir)
+    # The returned history is rank 0's full one (see _entry); the checkpoint's copy is a fallback that
     # misses only the calls made after the last checkpoint.
-    metrics = result.return_value if result.return_value is not None else saved.get("history", [])
-    return TrainResult(metrics=list(metrics), checkpoint_dir=ckpt_dir, state=state, config=saved_config, wall_s=wall)
+    history = returned["history"] if returned is not None else saved.get("history", [])
+    loop_s = returned["loop_s"] if returned is not None else 0.0
+    return TrainResult(metrics=list(history), checkpoint_dir=ckpt_dir, state=state, config=saved_config, wall_s=wall,
+                       loop_s=loop_s, warm=warm)
 
 
-def read_checkpoint(ckpt_dir: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(state, config, metrics.json) of a checkpoint folder written by `report`; no pickle involved."""
-    ckpt_dir = Path(ckpt_dir)
-    state = load_file(ckpt_dir / STATE_FILE)
-    config = json.loads((ckpt_dir / CONFIG_FILE).read_text())
-    saved = json.loads((ckpt_dir / METRICS_FILE).read_text())
-    return state, config, saved
+def _unplaceable(name: str, num_workers: int, cpus_per_worker: float, start_timeout_s: float) -> TrainError:
+    cpus = ray.cluster_resources().get("CPU", 0)
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=0)
+    return TrainError(
+        f"Ray Train could not place {num_workers} worker(s) x {cpus_per_worker} CPU for {name!r} within "
+        f"{start_timeout_s:g}s: the cluster has {cpus:g} CPU ({largest:g} on its largest node); lower the "
+        "stage's num_workers, or add nodes, then rerun (finished models are kept)"
+    )
+
+
+def _failed(name: str, storage, e: BaseException) -> TrainError:
+    return TrainError(
+        f"Ray Train run {name!r} failed: {e}\nIts checkpoints are under {storage}/{name}; "
+        "launch again with the same name and run_dir to resume from the latest one."
+    )
+
+
+def _run_ray_train(loop, where, config, name, storage, storage_fs, num_workers, max_failures, cpus_per_worker,
+                   start_timeout_s, datasets):
+    """One Ray Train run (a new worker group); rank 0's return value and the run's final checkpoint (or None)."""
+    os.environ[START_TIMEOUT_ENV] = str(start_timeout_s)  # Ray Train passes it on to its controller
+    # The controller notices that the loop finished at its next poll of the workers (default every 2 s).
+    os.environ.setdefault(POLL_ENV, str(POLL_INTERVAL_S))
+    trainer = TorchTrainer(
+        train_loop_per_worker=functools.partial(_entry, loop, where),
+        train_loop_config=dict(config),
+        datasets=datasets or None,
+        dataset_config=DataConfig(datasets_to_split=[], execution_options={
+            k: ds.context.execution_options for k, ds in (datasets or {}).items()}),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=False, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            storage_filesystem=storage_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            # controller_failure_limit=0: a worker group that timed out starting is not retried for ever
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+        ),
+    )
+    try:
+        result = trainer.fit()
+        return result.return_value, result.checkpoint
+    except ray.train.TrainingFailedError as e:
+        if "worker group startup timed out" in str(e):
+            raise _unplaceable(name, num_workers, cpus_per_worker, start_timeout_s) from None
+        raise _failed(name, storage, e) from e
+
+
+def _run_warm_pool(pool, loop, where, config, name, storage, num_workers, max_failures, cpus_per_worker,
+                   start_timeout_s) -> dict | None:
+    """The same loop on the warm worker group, retried up to `max_failures` times as Ray Train would; rank 0's return value."""
+    for attempt in range(max_failures + 1):
+        try:
+            return pool.run(loop, where, dict(config), num_workers, cpus_per_worker, start_timeout_s)[0]
+        except TimeoutError:
+            raise _unplaceable(name, num_workers, cpus_per_worker, start_timeout_s) from None
+        except Exception as e:  # noqa: BLE001 - the loop's own error, raised again as Ray Train would report it
+            if attempt == max_failures:
+                raise _failed(name, storage, e) from e
+            pool.log(f"{name}: a worker failed ({type(e).__name__}); retrying from the latest checkpoint")
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -178,17 +230,40 @@ def _describe(units: dict) -> str:
 # Rank 0's reports in this worker process; returned to the driver as the run's metric history.
 _history: list[dict] = []
 _progress: dict = {}  # this worker's progress hub, labels and last report per model (see `progress`)
+_warm: dict = {}  # on a warm worker group's actor during a launch: its rank and world size (else Ray Train's)
 
 
-def _entry(loop: Callable[[dict], None], where: dict, config: dict) -> list[dict] | None:
-    """The real train_loop_per_worker: run the user's loop, hand rank 0's history back to the driver."""
+def _entry(loop: Callable[[dict], None], where: dict, config: dict) -> dict | None:
+    """The real train_loop_per_worker: run the user's loop; rank 0 hands back its history and the seconds
+    the slowest worker spent inside the loop."""
     from orchestrator.progress import Reporter
 
     _history.clear()
     _progress.clear()
     _progress.update(where, report=Reporter(where.get("hub")), last={})
+    t0 = time.perf_counter()
     loop(config)
-    return list(_history) if rank() == 0 else None
+    loop_s = time.perf_counter() - t0
+    if world_size() > 1 and dist.is_initialized():
+        t = torch.tensor([loop_s], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        loop_s = float(t.item())
+    return {"history": list(_history), "loop_s": loop_s} if rank() == 0 else None
+
+
+def run_warm(loop: Callable[[dict], None], where: dict, config: dict, rank: int, world_size: int,
+             init_method: str | None) -> dict | None:
+    """`_entry` on a warm worker group's actor (orchestrator.train_pool): a gloo group when several ranks, as
+    Ray Train's torch backend makes, torn down after the loop so the next launch can have another size."""
+    _warm.update(rank=rank, world_size=world_size, dir=Path(where["dir"]))
+    try:
+        if world_size > 1:
+            dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+        return _entry(loop, where, config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _warm.clear()
 
 
 def progress(model: str, step: float, total: float, loss: float | None = None) -> None:
@@ -220,16 +295,18 @@ def progress(model: str, step: float, total: float, loss: float | None = None) -
 
 def rank() -> int:
     """This worker's global rank (0 .. world_size-1)."""
-    return ray.train.get_context().get_world_rank()
+    return _warm["rank"] if _warm else ray.train.get_context().get_world_rank()
 
 
 def world_size() -> int:
     """Number of workers in this run."""
-    return ray.train.get_context().get_world_size()
+    return _warm["world_size"] if _warm else ray.train.get_context().get_world_size()
 
 
 def prepare(model: torch.nn.Module) -> torch.nn.Module:
     """Move to this worker's device (CPU) and wrap in DDP when there is more than one worker."""
+    if _warm:  # what Ray Train's prepare_model does on CPU
+        return torch.nn.parallel.DistributedDataParallel(model) if world_size() > 1 else model
     return prepare_model(model)
 
 
@@ -262,8 +339,8 @@ def report(metrics: dict, state: dict[str, torch.Tensor] | None = None, config: 
 
     Every worker must pass `state` (or None) at the same calls: a checkpointing call is a Ray Train
     report, which is a barrier over all workers. Metrics-only calls stay in this process because
-    Ray Train V2 drains one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by
-    default), so reporting every step would cap training at one step per 2 s; they are not lost:
+    Ray Train V2 drains one report per controller poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray's default
+    2 s, POLL_INTERVAL_S here), so reporting every step would cap the step rate; they are not lost:
     they reach the driver as `TrainResult.metrics` and each checkpoint's `metrics.json`.
     The checkpoint holds `state.safetensors`, `config.json` and `metrics.json`; its step is
     `metrics["step"]` when given, else the number of calls so far.
@@ -274,18 +351,19 @@ def report(metrics: dict, state: dict[str, torch.Tensor] | None = None, config: 
     _check_same_on_all_ranks(state is not None)
     if state is None:
         return
+    if _warm:
+        if rank() == 0:
+            save_warm_checkpoint(_warm["dir"], metrics, state, config, _history)
+        if world_size() > 1:
+            dist.barrier()  # as Ray Train's report: every rank returns once the checkpoint is saved
+        return
     if rank() != 0:
         ray.train.report(metrics, checkpoint=None)  # rank 0 alone writes the checkpoint
         return
-    step = int(metrics.get("step", len(_history)))
     with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-        d = Path(tmp)
-        # clone: safetensors refuses tensors that share storage (tied weights, views)
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}, str(d / STATE_FILE))
-        write_json(d / CONFIG_FILE, config or {})
-        write_json(d / METRICS_FILE, {"step": step, "latest": metrics, "history": _history})
+        write_checkpoint(Path(tmp), metrics, state, config, _history)
         # SYNC upload (the default): the folder is copied into storage before report returns.
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(d)))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
 
 def _check_same_on_all_ranks(flag: bool) -> None:
@@ -299,17 +377,22 @@ def _check_same_on_all_ranks(flag: bool) -> None:
 
 
 def restore() -> tuple[dict[str, torch.Tensor] | None, int | None]:
-    """(state, step) of the latest checkpoint of this run (after a failure or a relaunch), else (None, None)."""
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
+    """(state, step) of the latest checkpoint of this run (after a failure or a relaunch), else (None, None);
+    the newest of those Ray Train and the warm worker group saved."""
+    ckpt = None if _warm else ray.train.get_checkpoint()
+    newest = latest_checkpoint(Path(_warm["dir"] if _warm else _progress["dir"]))
+    if ckpt is not None and (newest is None or Path(ckpt.path).name >= newest.name):
+        with ckpt.as_directory() as d:
+            state, _, saved = read_checkpoint(Path(d))
+    elif newest is not None:
+        state, _, saved = read_checkpoint(newest)
+    else:
         return None, None
-    with ckpt.as_directory() as d:
-        state, _, saved = read_checkpoint(Path(d))
     _history[:] = saved.get("history", [])  # so the returned curve covers the steps before the interruption
     return state, int(saved["step"])
 
 
 __all__ = [
-    "TrainError", "TrainResult", "launch", "read_checkpoint",
+    "TrainError", "TrainResult", "launch", "read_checkpoint", "latest_checkpoint",
     "rank", "world_size", "prepare", "unwrap", "shard", "all_mean", "report", "restore", "progress",
 ]

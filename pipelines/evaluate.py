@@ -15,6 +15,7 @@ finished run adds them without retraining anything.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import field
 from typing import Annotated
 
@@ -101,8 +102,10 @@ def run(cfg: EvaluateConfig, ctx: RunContext):
         ablation = description_ablation.conditions(data, encoder.encode) if encoder and data.test.batch.n > 1 else None
         for seed in seeds:
             models = TrainedModels(ctx.run, data, seed)
+            t0 = time.perf_counter()
             for k, v in evaluate_split(data, models, cfg, feats.info.get("suite", "tasks"), ablation).items():
                 rows[k] += v
+            ctx.timings["evaluate_loop_s"] = ctx.timings.get("evaluate_loop_s", 0.0) + time.perf_counter() - t0
             ctx.log(f"evaluate: {split} seed {seed} done; chosen on validation: {models.tuned}")
     table = pd.DataFrame(rows["zero_shot"])
     paths = write_results(table, ctx.run.results, "zero_shot", title=TITLE, per_task=pd.DataFrame(rows["per_task"]),

@@ -87,6 +87,9 @@ def run(cfg: ExpertsConfig, ctx: RunContext):
     feats = ctx.outputs.get("features") or SuiteFeatures.load(ctx.run.features)
     store = WeightStore(ctx.run.store)
     summary = run_farm(feats, cfg, store, progress=ctx.progress, log=ctx.log)
+    # the actors' training loops, in wall time: their summed shard seconds over the actors that ran at once
+    actors = max(1, min(cfg.num_actors or int((ctx.ray.cpus if ctx.ray else 1) // cfg.cpus_per_actor), summary.shards_trained))
+    ctx.timings["experts_loop_s"] = min(summary.seconds, summary.train_seconds / actors)
     if summary.experts_trained:
         ctx.log(
             f"farm: {summary.experts_trained} experts in {summary.seconds:.1f}s "

@@ -235,7 +235,9 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
             ctx.log(f"features: {len(img)} images are fewer than image_dims={cfg.image_dims}; keeping all {img.shape[1]} dims")
         texts = sorted({s for t in suite.tasks for s in [t.description, *t.answer_prompts]})
         text_id = {s: i for i, s in enumerate(texts)}
+        t_txt = time.perf_counter()
         txt = encode_texts_cached(text_enc, texts, cache, progress=ctx.progress)
+        t_txt = time.perf_counter() - t_txt
         tasks = pd.DataFrame([
             dict(
                 id=t.id, description=t.description, split=t.split, answers=list(t.answers),
@@ -255,6 +257,7 @@ def run(cfg: FeaturesConfig, ctx: RunContext):
         feats = SuiteFeatures(paths, img, texts, txt, tasks, info)
         feats.save(staged)
     ctx.timings["features_image_encode_s"] = t_img
+    ctx.timings["features_loop_s"] = t_img + t_txt  # the encoding loops; loading the encoders is overhead
     ctx.log(f"features: wrote {out} in {time.perf_counter() - t0:.1f}s (images {t_img:.1f}s)")
     return feats
 

@@ -328,6 +328,7 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
             mean, ci = T.mean_ci95(T.chance(episodes[k], test_pool))
             rows.append(dict(split=label, method="chance", shots=k, seed=None, accuracy=mean, ci95=ci,
                              episodes=cfg.eval_episodes, train_s=None, eval_s=None))
+    ctx.timings["fewshot_loop_s"] = res.loop_s + timings.get("finetune", 0.0)  # the workers' loop and the fine-tuning
     table = pd.DataFrame([{"suite": suite, **r} for r in rows], columns=RESULT_COLUMNS).astype({"seed": "Int64"})
     return FewShotResult(table, write_results(table, ctx.run.results, cfg), timings, loss_curves(res.metrics, cfg.mixed_shots))
 

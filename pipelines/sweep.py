@@ -140,6 +140,9 @@ def run(cfg: SweepConfig, ctx: RunContext) -> SweepOutput:
         for r in run_trials(run_trial, todo, sweep_dir=sweep_dir, max_concurrent=workers, cpus_per_trial=cfg.cpus_per_trial,
                             log_trial=log, done_before=n_done, progress=ctx.progress):
             records[r["key"]] = r
+        # the trials' own work, in wall time: their summed seconds over the trials that ran at once
+        ran = [r.get("trial_seconds", 0.0) for r in records.values() if not r.get("reused")]
+        ctx.timings["sweep_loop_s"] = sum(ran) / workers
     rows = [records[t["key"]] for t in trials]
     for r in rows:  # a trial whose child run a killed driver never wrote gets it now (each exactly once)
         log(r, r)

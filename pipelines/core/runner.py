@@ -10,6 +10,7 @@ Each stage module provides `CONFIG` (a frozen dataclass), `PRESETS`, `NEEDS_RAY`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import sys
 import time
@@ -155,6 +156,24 @@ def log_datasets(ctx: RunContext) -> None:
     ctx.tracker.datasets(ctx.run.features, Path(tasks_file) if tasks_file else None)
 
 
+WARM_ENV = "WEIGHTGEN_WARM_WORKERS"
+
+
+def warm_workers(ctx: RunContext, stages: tuple[str, ...]):
+    """One warm worker group for a chain of two or more training stages (orchestrator.train_pool), so that
+    starting workers is paid once, not once per stage; a stage run alone launches Ray Train as before, and so
+    does every stage with WEIGHTGEN_WARM_WORKERS=0."""
+    import os
+
+    from pipelines.core.stages import LAUNCHING_STAGES
+
+    if ctx.ray is None or sum(s in LAUNCHING_STAGES for s in stages) < 2 or os.environ.get(WARM_ENV, "1") == "0":
+        return contextlib.nullcontext()
+    from orchestrator.train_pool import warm_pool
+
+    return warm_pool(log=ctx.log)
+
+
 def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None, argv: list[str] | None = None) -> int:
     """Parse the shared CLI and run `stages` (default: just `prog`)."""
     stages = stages or (prog,)
@@ -193,8 +212,8 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
             ctx.timings["ray_start_s"] = ctx.ray.start_seconds
             for line in ctx.ray.describe():  # which Ray (private, or a cluster joined), its size, its dashboard
                 ctx.log(line)
-        with ctx.tracker.pipeline(prog, tags={"preset": args.preset, "stages": ",".join(stages)},
-                                  params=stage_params(cfgs)) as parent:
+        with warm_workers(ctx, stages), ctx.tracker.pipeline(prog, tags={"preset": args.preset, "stages": ",".join(stages)},
+                                                             params=stage_params(cfgs)) as parent:
             ctx.log(f"MLflow run: {parent}")
             for s in stages:
                 t0 = time.perf_counter()

@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 
 STAGES = ("features", "experts", "generators", "hyperclip", "hyperldm", "baselines", "evaluate", "sweep", "fewshot")
+# The stages that train through orchestrator.train.launch: a chain of two or more shares one warm worker group.
+LAUNCHING_STAGES = ("generators", "hyperclip", "hyperldm", "baselines", "fewshot")
 
 
 def stage_module(name: str):

@@ -171,6 +171,7 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
             show_progress=ctx.progress, log=ctx.log, datasets=datasets,
         )
         ctx.timings[f"{kind}_ray_train_s"] = result.wall_s
+        ctx.timings[f"{kind}_loop_s"] = result.loop_s  # inside the workers' loop; the rest of the launch is overhead
     out = {}
     for split, seed in combos:
         side = run.model(kind, split, seed).with_suffix(".json")

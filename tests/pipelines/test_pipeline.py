@@ -37,6 +37,11 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     assert "manifest.json" in arts and "config.json" in arts
     timings = json.loads((run_dir / "timings.json").read_text())
     assert {"ray_start_s", "features_s", "experts_s", "generators_s", "evaluate_s", "total_s"} <= set(timings)
+    # Every stage's loop time is within its wall time; the five training stages shared one warm worker group.
+    from pipelines.core.stages import LAUNCHING_STAGES, STAGES
+
+    assert all(0 < timings[f"{s}_loop_s"] <= timings[f"{s}_s"] for s in STAGES), timings
+    assert f"warm worker group: {len(LAUNCHING_STAGES)} launch(es)" in r.stderr
 
     # The zero-shot table: every method, each a valid accuracy; chance is the mean of 1/|answers|.
     import pandas as pd
