@@ -34,3 +34,5 @@ class SamplingSettings:
     """HyperLDM sampler: ddim or ddpm (ddpm always runs all T steps)"""
     sampler_steps: Annotated[int, Field(ge=1, le=1000)] = 50
     """DDIM steps (DDPM always runs all T)"""
+    hybrid_t0: Annotated[int, Field(ge=0, le=1000)] = 400
+    """hybrid methods: the timestep to which the text-conditioned HNet's latent is noised before the guided reverse process (0: that latent decoded; T: the plain sampler)"""
