@@ -38,7 +38,7 @@ class Method:
 
 HYPERLDM_SETTINGS = ("guidance_scale", "sampler", "sampler_steps")
 HYPERCLIP_SETTINGS = ("guidance_steps", "guidance_lr", "guidance_l2")
-HYBRID_SETTINGS = (*HYPERLDM_SETTINGS, "hybrid_t0")
+HYBRID_SETTINGS = (*HYPERLDM_SETTINGS, "hybrid_t0", "hybrid_fit_steps")
 
 
 def nearest_task(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
@@ -111,6 +111,10 @@ def hybrid(route: str) -> Weights:
         with torch.no_grad():
             w_text = m.baselines["text_hnet"](torch.arange(len(c)), c)  # [B, P]
         z0 = r.encode(w_text)  # [B, d]
+        if s.hybrid_fit_steps:
+            from models.zeroshot.hnet import invert
+
+            z0 = invert(r.decode_n, r.norm.encode(w_text), z0, steps=s.hybrid_fit_steps)
         gen = torch.Generator().manual_seed(m.seed)  # the same noise as the plain sampler's z_T
         z = m.hyperldms[route].edit(z0, c, s.hybrid_t0, s.guidance_scale, sampler=s.sampler, steps=s.sampler_steps,
                                     generator=gen)

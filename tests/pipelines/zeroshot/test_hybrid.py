@@ -1,0 +1,56 @@
+"""The hybrid variants on a real smoke run: text-HNet's network started in each route's latent space and
+edited by HyperLDM, with the plain sampler and the route's own reconstruction at the two ends of t0."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.ray, pytest.mark.mlflow, pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+@pytest.fixture(scope="module")
+def models(smoke_pipeline):
+    from pipelines.zeroshot.data import load_split, read_plan
+    from pipelines.zeroshot.trained import TrainedModels
+
+    run_dir, r = smoke_pipeline
+    assert r.returncode == 0, r.stderr[-3000:]
+    splits, seeds = read_plan(run_dir)
+    return TrainedModels(run_dir, load_split(run_dir, splits[0]), seeds[0])
+
+
+@pytest.mark.parametrize("route", ["hnet", "hvae"])
+def test_hybrid_ends_are_the_plain_sampler_and_the_routes_copy_of_text_hnet(models, route):
+    from pipelines.zeroshot.methods import generate
+    from pipelines.zeroshot.sampling import SamplingSettings
+
+    c = models.data.test.c
+    s = SamplingSettings(guidance_scale=4.0, sampler_steps=10)
+    at = {t0: generate(f"{route}_hybrid", models, c, dataclasses.replace(s, hybrid_t0=t0)) for t0 in (0, 400, 1000)}
+    assert torch.equal(at[1000], generate(f"{route}_hyperldm", models, c, s))  # t0 = T: the plain sampler, same noise
+    r = models.routes[route]
+    w_text = generate("text_hnet", models, c, s)
+    assert torch.equal(at[0], r.decode(r.encode(w_text)))  # t0 = 0: text-HNet's network as the route decodes it
+    assert not torch.allclose(at[400], at[0]) and not torch.allclose(at[400], at[1000])
+    wn = r.norm.encode
+
+    def err(w):  # squared distance to text-HNet's network in the normalised weight space
+        return (wn(w) - wn(w_text)).pow(2).mean()
+
+    if route == "hnet":  # the HNet has no encoder: its projection must bring the decoder nearer text-HNet's weights
+        assert err(at[0]) < 0.5 * err(r.decode(r.z_start.expand(len(c), -1)))
+    fitted = generate(f"{route}_hybrid", models, c, dataclasses.replace(s, hybrid_t0=0, hybrid_fit_steps=50))
+    assert err(fitted) < err(at[0])  # fitting through the decoder moves the start nearer text-HNet's weights
+
+
+def test_variants_join_the_evaluate_table_only_when_named(models):
+    from pipelines.evaluate import EvaluateConfig, evaluate_split
+
+    base = EvaluateConfig(guidance_scales=(4.0,), description_ablation=False, log_models=False)
+    plain = {r["method"] for r in evaluate_split(models.data, models, base, "smoke")["zero_shot"]}
+    extra = evaluate_split(models.data, models, dataclasses.replace(base, extra_methods=("hvae_hybrid",)), "smoke")
+    assert "hvae_hybrid" not in plain and "hnet_hybrid" not in plain
+    assert {r["method"] for r in extra["zero_shot"]} == plain | {"hvae_hybrid"}
+    assert [r["guidance_scale"] for r in extra["zero_shot"] if r["method"] == "hvae_hybrid"] == [4.0]
