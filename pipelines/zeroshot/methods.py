@@ -38,7 +38,7 @@ class Method:
 
 HYPERLDM_SETTINGS = ("guidance_scale", "sampler", "sampler_steps")
 HYPERCLIP_SETTINGS = ("guidance_steps", "guidance_lr", "guidance_l2")
-HYBRID_SETTINGS = (*HYPERLDM_SETTINGS, "hybrid_t0", "hybrid_fit_steps")
+HYBRID_SETTINGS = (*HYPERLDM_SETTINGS, "hybrid_t0", "hybrid_fit_steps", "hybrid_residual")
 
 
 def nearest_task(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
@@ -119,6 +119,8 @@ def hybrid(route: str) -> Weights:
         z = m.hyperldms[route].edit(z0, c, s.hybrid_t0, s.guidance_scale, sampler=s.sampler, steps=s.sampler_steps,
                                     generator=gen)
         with torch.no_grad():
+            if s.hybrid_residual:  # keep what the route's decoder cannot express of text-HNet's network
+                return w_text + (r.decode(z) - r.decode(z0))
             return r.decode(z)
 
     return weights

@@ -43,6 +43,10 @@ def test_hybrid_ends_are_the_plain_sampler_and_the_routes_copy_of_text_hnet(mode
         assert err(at[0]) < 0.5 * err(r.decode(r.z_start.expand(len(c), -1)))
     fitted = generate(f"{route}_hybrid", models, c, dataclasses.replace(s, hybrid_t0=0, hybrid_fit_steps=50))
     assert err(fitted) < err(at[0])  # fitting through the decoder moves the start nearer text-HNet's weights
+    residual = {t0: generate(f"{route}_hybrid", models, c, dataclasses.replace(s, hybrid_t0=t0, hybrid_residual=True))
+                for t0 in (0, 400)}
+    assert torch.equal(residual[0], w_text)  # nothing edited: text-HNet's own weights
+    assert torch.allclose(residual[400] - w_text, at[400] - at[0], atol=1e-4)  # plus exactly the route's edit
 
 
 def test_variants_join_the_evaluate_table_only_when_named(models):
