@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def models(zs_run_dir):
-    """The smoke presets' generators, baselines and HyperLDMs for split `given`, seed 0, trained in this process."""
+    """The smoke presets' zero-shot models for split `given`, seed 0, trained in this process (no Ray)."""
     from models.zeroshot.tasks import Hooks
     from orchestrator.storage.rundir import RunDir
     from pipelines.core.config import build_config, config_values
@@ -23,7 +23,7 @@ def models(zs_run_dir):
     run = RunDir(zs_run_dir)
     write_plan(run, ("given",), (0,), 0.25)
     data = load_split(run, "given")
-    for kind in ("generators", "baselines", "hyperldm"):  # in pipeline order: HyperLDM reads the routes
+    for kind in ("generators", "hyperclip", "hyperldm", "baselines"):  # in pipeline order: both read the routes
         module = importlib.import_module(f"pipelines.{kind}")
         cfg = build_config(module.CONFIG, module.PRESETS, "smoke", [])
         state, _ = module.train_one(run, data, 0, cfg, Hooks())
