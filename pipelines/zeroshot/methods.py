@@ -5,7 +5,8 @@ Every consumer (the evaluate stage, the sweep, `pipelines.zero_shot`, the Python
 
 A method is *generative* (weights from description embeddings) or a *reference* scored without
 generating anything from the description (the per-task expert, chance). A generative method is
-*conditioned* unless it ignores the description (multitask, MAML's init).
+*conditioned* unless it ignores the description (multitask, MAML's init). A *variant* (the hybrids) is an
+opt-in method: sweeps run it when named, the evaluate table adds it through `extra_methods`.
 """
 from __future__ import annotations
 
