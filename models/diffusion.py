@@ -101,19 +101,52 @@ class Diffusion:
             assert c is not None, "unconditional sampling needs z_T (it fixes the batch size)"
             d_z = d_z or denoiser.d_z
             z_T = torch.randn(len(c), d_z, generator=generator, device=c.device, dtype=c.dtype)
-        # Fresh copies keep `self` stateless: set_timesteps mutates a scheduler.
+        sched, kw = self._scheduler(sampler, steps, generator)
+        return self._reverse(denoiser, z_T * sched.init_noise_sigma, sched, sched.timesteps, c, gamma, kw)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        denoiser: Denoiser,
+        z0: torch.Tensor,
+        c: torch.Tensor,
+        t_start: int,
+        gamma: float = 1.0,
+        sampler: str = "ddim",
+        steps: int = 50,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022, §3): noise a given z0 [B, d_z] to the sampler's first timestep below
+        `t_start` and run the guided reverse process from there -> [B, d_z].
+
+        The noise is the one `sample` would draw from `generator` as its z_T, so t_start >= T is `sample`
+        itself, draw for draw, and t_start = 0 (no timestep below it) returns z0 unchanged.
+        """
+        noise = torch.randn(z0.shape, generator=generator, device=z0.device, dtype=z0.dtype)
+        sched, kw = self._scheduler(sampler, steps, generator)
+        if t_start >= self.T:
+            return self._reverse(denoiser, noise * sched.init_noise_sigma, sched, sched.timesteps, c, gamma, kw)
+        ts = sched.timesteps[sched.timesteps < t_start]
+        if len(ts) == 0:
+            return z0.clone()
+        z = self.q_sample(z0, ts[:1].expand(len(z0)).to(z0.device), noise)  # z_t0 ~ q(z_t0 | z0)
+        return self._reverse(denoiser, z, sched, ts, c, gamma, kw)
+
+    def _scheduler(self, sampler: str, steps: int, generator: torch.Generator | None):
+        """A fresh scheduler with its timesteps set (copies keep `self` stateless) and its step kwargs."""
         if sampler == "ddpm":
             sched = DDPMScheduler.from_config(self.ddpm.config)
             sched.set_timesteps(self.T)
-            kw: dict = {"generator": generator}
-        elif sampler == "ddim":
+            return sched, {"generator": generator}
+        if sampler == "ddim":
             sched = DDIMScheduler.from_config(self.ddim.config)
             sched.set_timesteps(steps)
-            kw = {"eta": 0.0}
-        else:
-            raise ValueError(f"unknown sampler {sampler!r} (ddim or ddpm)")
-        z = z_T * sched.init_noise_sigma
-        for t in sched.timesteps:
+            return sched, {"eta": 0.0}
+        raise ValueError(f"unknown sampler {sampler!r} (ddim or ddpm)")
+
+    def _reverse(self, denoiser: Denoiser, z: torch.Tensor, sched, timesteps, c, gamma: float, kw: dict) -> torch.Tensor:
+        """The guided reverse process over `timesteps` (descending) from z at the first of them."""
+        for t in timesteps:
             eps = self.guided_eps(denoiser, z, t.to(z.device), c, gamma)
             z = sched.step(eps, t, z, **kw).prev_sample
         return z

@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import field
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from pipelines.core.cli import RunContext
 from pipelines.core.config import Runtime, stage_config
+from pipelines.zeroshot.methods import VARIANTS
 from pipelines.zeroshot.sampling import PAPER_GUIDANCE_GRID, SamplingSettings
 
 
@@ -34,6 +35,8 @@ class EvaluateConfig:
     """HyperLDM classifier-free guidance scales γ, one table row each (the paper's grid)"""
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     """HyperCLIP guidance and HyperLDM sampler settings"""
+    extra_methods: tuple[Literal[VARIANTS], ...] = ()
+    """opt-in method variants to add to the table (e.g. hvae_hybrid), each at every guidance scale it uses"""
     description_ablation: bool = True
     """also score every conditioned method with another task's description and with a random string"""
     log_models: Annotated[bool, Runtime] = True
@@ -56,11 +59,12 @@ def evaluate_split(data, models, cfg: EvaluateConfig, suite: str, ablation: dict
     """
     from models.zeroshot.tasks import task_accuracy
     from pipelines.zeroshot import description_ablation, memorisation
-    from pipelines.zeroshot.methods import METHODS, accuracy, generate
+    from pipelines.zeroshot.methods import METHODS, TABLE, accuracy, generate
 
     out = {"zero_shot": [], "per_task": [], "memorisation": [], "description_ablation": []}
     where = dict(suite=suite, split=data.name, seed=models.seed)
-    for name, m in METHODS.items():
+    for name in (*TABLE, *cfg.extra_methods):
+        m = METHODS[name]
         scales = cfg.guidance_scales if "guidance_scale" in m.uses else (None,)
         for g in scales:
             s = cfg.sampling if g is None else dataclasses.replace(cfg.sampling, guidance_scale=g)

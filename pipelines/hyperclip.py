@@ -31,6 +31,10 @@ class HyperClipConfig:
     """MLP widths (paper: 128,128)"""
     batch: Annotated[int, Field(ge=2)] = 256
     """(weights, description) pairs per step (all when fewer)"""
+    hard_negatives: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0
+    """weight of negatives by description similarity, exp(hard_negatives x cosine) normalised per anchor (0: plain InfoNCE)"""
+    margin: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    """cosine margin subtracted from every matched pair's score in the loss (0: none)"""
     hvae_inputs: Literal["experts", "reconstructions"] = "experts"
     """what the HVAE route's HyperCLIP trains on: the experts (measured better for guidance) or their HVAE reconstructions"""
     data_path: DataPath = "auto"
@@ -85,7 +89,8 @@ def train_one(run, data, seed: int, cfg: HyperClipConfig, hooks):
     from pipelines.zeroshot.trained import TrainedModels
 
     state, metrics = {}, {}
-    settings = dict(steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, batch=cfg.batch)
+    settings = dict(steps=cfg.steps, lr=cfg.lr, hidden=cfg.hidden, batch=cfg.batch, hard_negatives=cfg.hard_negatives,
+                    margin=cfg.margin)
     for name, route in TrainedModels(run, data, seed).routes.items():
         experts = name == "hvae" and cfg.hvae_inputs == "experts"
         if data.streamed:  # batches of the store, or of decoded latents: never all N x P weights at once

@@ -8,6 +8,8 @@ the per-task latents; `models.zeroshot.training.LatentHNet` joins them and `fit_
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -55,3 +57,20 @@ class HNetLatents(nn.Module):
     def z(self) -> torch.Tensor:
         """All task latents [T, d_latent]."""
         return self.meta + self.delta
+
+
+def invert(hnet: Callable[[torch.Tensor], torch.Tensor], w: torch.Tensor, z_init: torch.Tensor, steps: int = 200, lr: float = 0.05) -> torch.Tensor:
+    """Latents whose decoded weights are nearest `w` [B, n_weights] in squared error, by Adam from z_init [B, d] -> [B, d].
+
+    `hnet` is any latent-to-weights decoder. The HNet has no encoder, so a network from elsewhere (e.g. the
+    text-conditioned hypernetwork's) is brought into its latent space by projection onto the decoder's manifold. Rows are independent (the
+    loss is a sum over rows); only z moves, the HNet's parameters get no gradient.
+    """
+    z = z_init.detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            (g,) = torch.autograd.grad((hnet(z) - w).pow(2).sum(), z)
+            z.grad = g
+            opt.step()
+    return z.detach()

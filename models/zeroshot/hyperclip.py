@@ -63,11 +63,27 @@ def contrastive_loss(model: HyperCLIP, v: torch.Tensor, c: torch.Tensor) -> torc
     return info_nce(model.embed(v), c, model.scale())
 
 
-def info_nce(e_v: torch.Tensor, c: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy between unit vectors e_v [B, d] and descriptions c [B, d] (normalised here)."""
-    logits = scale * e_v @ F.normalize(c, dim=-1).T  # [B, B]
+def info_nce(e_v: torch.Tensor, c: torch.Tensor, scale: torch.Tensor, hard: float = 0.0, margin: float = 0.0) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy between unit vectors e_v [B, d] and descriptions c [B, d] (normalised here).
+
+    hard > 0 weights each negative by exp(hard * cos(its description, the anchor's)), normalised to mean 1 over
+    the anchor's negatives (the importance weighting of Robinson et al. 2021, here by description similarity):
+    "is it red?" then weighs most against "is it not red?". margin > 0 subtracts a margin from every positive
+    logit (AM-softmax, Wang et al. 2018). At hard = margin = 0 this is plain InfoNCE, bit for bit.
+    """
+    cn = F.normalize(c, dim=-1)
+    logits = scale * e_v @ cn.T  # [B, B]
     labels = torch.arange(len(e_v), device=e_v.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    if hard == 0 and margin == 0:
+        return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+    eye = torch.eye(len(e_v), dtype=torch.bool, device=e_v.device)
+    shift = -margin * scale * eye  # [B, B]
+    if hard > 0 and len(e_v) > 1:
+        sim = (hard * (cn @ cn.T)).masked_fill(eye, float("-inf"))  # [B, B], symmetric
+        log_w = sim - (torch.logsumexp(sim, dim=1, keepdim=True) - math.log(len(e_v) - 1))  # mean weight 1 per row
+        shift = shift + log_w.masked_fill(eye, 0.0)
+    # Row i of logits.T anchors description i against every network: by symmetry its weights are row i's too.
+    return 0.5 * (F.cross_entropy(logits + shift, labels) + F.cross_entropy(logits.T + shift, labels))
 
 
 def score(model: HyperCLIP, v: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

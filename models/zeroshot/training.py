@@ -64,11 +64,12 @@ def train_hvae(wn: torch.Tensor | BatchSource, seed: int, hooks: Hooks = Hooks()
 
 
 def train_hyperclip(v: torch.Tensor | BatchSource, c: torch.Tensor | None, seed: int, hooks: Hooks = Hooks(), *,
-                    steps: int, lr: float, hidden: tuple[int, ...], batch: int, dims: tuple[int, int] | None = None) -> HyperCLIP:
+                    steps: int, lr: float, hidden: tuple[int, ...], batch: int, dims: tuple[int, int] | None = None,
+                    hard_negatives: float, margin: float) -> HyperCLIP:
     """HyperCLIP on (weights or latents v [N, d_in], description embeddings c [N, d_txt]), `batch` pairs per step;
     or on a `BatchSource` of (v [B, d_in], c [B, d_txt]) pairs (then c is None and `dims` = (d_in, d_txt)).
 
-    InfoNCE needs every pair's negatives, so each worker computes the whole batch; DDP then
+    `hard_negatives` and `margin` are `info_nce`'s hard and margin. InfoNCE needs every pair's negatives, so each worker computes the whole batch; DDP then
     averages identical gradients and the run equals a single worker's.
     """
     torch.manual_seed(seed)
@@ -79,7 +80,7 @@ def train_hyperclip(v: torch.Tensor | BatchSource, c: torch.Tensor | None, seed:
     net = hooks.wrap(model)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     for step, (vb, cb) in zip(range(1, steps + 1), v(gen)):
-        loss = info_nce(net(vb), cb, model.scale())  # forward through the (DDP) wrapper
+        loss = info_nce(net(vb), cb, model.scale(), hard_negatives, margin)  # forward through the (DDP) wrapper
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,6 +103,16 @@ class HyperLDM:
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Latents [B, d_z] (raw scale) for conditions c [B, d_c] with CFG scale gamma."""
         z = self.diffusion.sample(self.denoiser, c, gamma=gamma, sampler=sampler, steps=steps, generator=generator)
+        return self.standardizer.decode(z)
+
+    @torch.no_grad()
+    def edit(self, z0: torch.Tensor, c: torch.Tensor, t_start: int, gamma: float, sampler: str = "ddim", steps: int = 50,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """SDEdit from given raw latents z0 [B, d_z] (see `Diffusion.edit`) -> raw latents [B, d_z]."""
+        if t_start <= 0:  # nothing to edit: z0 itself, not its round trip through the standardiser
+            return z0.clone()
+        z = self.diffusion.edit(self.denoiser, self.standardizer.encode(z0), c, t_start, gamma=gamma, sampler=sampler,
+                                steps=steps, generator=generator)
         return self.standardizer.decode(z)
 
 

@@ -5,7 +5,8 @@ Every consumer (the evaluate stage, the sweep, `pipelines.zero_shot`, the Python
 
 A method is *generative* (weights from description embeddings) or a *reference* scored without
 generating anything from the description (the per-task expert, chance). A generative method is
-*conditioned* unless it ignores the description (multitask, MAML's init).
+*conditioned* unless it ignores the description (multitask, MAML's init). A *variant* (the hybrids) is an
+opt-in method: sweeps run it when named, the evaluate table adds it through `extra_methods`.
 """
 from __future__ import annotations
 
@@ -33,10 +34,12 @@ class Method:
     uses: tuple[str, ...]  # SamplingSettings fields it reads (a sweep crosses only these)
     weights: Weights | None  # c [B, d_txt] -> raw weights [B, P]; None for a reference
     conditioned: bool = True  # its weights depend on the description (the description ablation varies it)
+    variant: bool = False  # an opt-in variant: in sweeps, and in the evaluate table only when named in its extra_methods
 
 
 HYPERLDM_SETTINGS = ("guidance_scale", "sampler", "sampler_steps")
 HYPERCLIP_SETTINGS = ("guidance_steps", "guidance_lr", "guidance_l2")
+HYBRID_SETTINGS = (*HYPERLDM_SETTINGS, "hybrid_t0", "hybrid_fit_steps", "hybrid_residual")
 
 
 def nearest_task(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
@@ -98,6 +101,32 @@ def hyperldm(route: str) -> Weights:
     return weights
 
 
+def hybrid(route: str) -> Weights:
+    """The text-conditioned HNet's network brought into the route's latent space and edited by HyperLDM (SDEdit,
+    Meng et al. 2022): noised to `hybrid_t0`, then the guided reverse process with the task's description."""
+
+    def weights(m: TrainedModels, c: torch.Tensor, s: SamplingSettings) -> torch.Tensor:
+        import torch
+
+        r = m.routes[route]
+        with torch.no_grad():
+            w_text = m.baselines["text_hnet"](torch.arange(len(c)), c)  # [B, P]
+        z0 = r.encode(w_text)  # [B, d]
+        if s.hybrid_fit_steps:
+            from models.zeroshot.hnet import invert
+
+            z0 = invert(r.decode_n, r.norm.encode(w_text), z0, steps=s.hybrid_fit_steps)
+        gen = torch.Generator().manual_seed(m.seed)  # the same noise as the plain sampler's z_T
+        z = m.hyperldms[route].edit(z0, c, s.hybrid_t0, s.guidance_scale, sampler=s.sampler, steps=s.sampler_steps,
+                                    generator=gen)
+        with torch.no_grad():
+            if s.hybrid_residual:  # keep what the route's decoder cannot express of text-HNet's network
+                return w_text + (r.decode(z) - r.decode(z0))
+            return r.decode(z)
+
+    return weights
+
+
 # Registry order is the results table's row order.
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("chance", "Chance", "reference", (), (), None),
@@ -111,8 +140,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     *(Method(f"{r}_{kind}", f"{r.upper() if r == 'hvae' else 'HNet'} + {title}", r, ("generators", kind), uses, make(r))
       for r in ("hnet", "hvae") for kind, title, uses, make in (("hyperclip", "HyperCLIP", HYPERCLIP_SETTINGS, hyperclip),
                                                                 ("hyperldm", "HyperLDM", HYPERLDM_SETTINGS, hyperldm))),
+    *(Method(f"{r}_hybrid", f"{r.upper() if r == 'hvae' else 'HNet'} + HyperLDM from text-HNet", r,
+             ("baselines", "generators", "hyperldm"), HYBRID_SETTINGS, hybrid(r), variant=True) for r in ("hnet", "hvae")),
 )}
-GENERATIVE = tuple(n for n, m in METHODS.items() if m.weights is not None)
+TABLE = tuple(n for n, m in METHODS.items() if not m.variant)  # what the evaluate stage reports by default
+VARIANTS = tuple(n for n, m in METHODS.items() if m.variant)
+GENERATIVE = tuple(n for n in TABLE if METHODS[n].weights is not None)
 CONDITIONED = tuple(n for n in GENERATIVE if METHODS[n].conditioned)
 
 

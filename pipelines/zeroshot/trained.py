@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from models.weight_norm import WeightNormalizer
+from models.zeroshot.hnet import invert
 from models.zeroshot.hvae import HVAE
 from models.zeroshot.hyperclip import HyperCLIP
 from models.zeroshot.task_models import LatentHNet, SharedWeights, TextHNet
@@ -31,10 +32,17 @@ class Route:
     decode_n: Callable[[torch.Tensor], torch.Tensor]  # z [B, d] -> normalised weights [B, P]
     z_start: torch.Tensor  # [d] where HyperCLIP guidance starts (the meta latent / the experts' mean latent)
     norm: WeightNormalizer
+    encode_n: Callable[[torch.Tensor], torch.Tensor]  # normalised weights [B, P] -> latents [B, d]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [B, d] -> raw task-network weights [B, P]."""
         return self.norm.decode(self.decode_n(z))
+
+    def encode(self, w: torch.Tensor) -> torch.Tensor:
+        """Raw task-network weights [B, P] -> latents [B, d] (the HVAE's posterior mean; the HNet's projection)."""
+        with torch.no_grad():
+            wn = self.norm.encode(w)
+        return self.encode_n(wn).detach()
 
 
 def sub_state(state: dict, prefix: str) -> dict:
@@ -67,9 +75,11 @@ class TrainedModels:
         for m in (hnet, vae):
             m.eval().requires_grad_(False)
         mu = state["hvae_latents"]
+        meta = hnet.latents.meta.detach()
         return {
-            "hnet": Route("hnet", hnet.latents.z.detach(), hnet.hnet, hnet.latents.meta.detach(), hnet.norm),
-            "hvae": Route("hvae", mu, vae.decode, mu.mean(0), data.norm),
+            "hnet": Route("hnet", hnet.latents.z.detach(), hnet.hnet, meta, hnet.norm,
+                          lambda wn: invert(hnet.hnet, wn, meta.expand(len(wn), -1))),
+            "hvae": Route("hvae", mu, vae.decode, mu.mean(0), data.norm, lambda wn: vae.encode(wn)[0]),
         }
 
     @cached_property

@@ -201,3 +201,42 @@ def test_standardizer_round_trip():
     torch.testing.assert_close(e.std(0), torch.ones(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(s.decode(e), z)
     assert Standardizer(4).fit(torch.ones(10, 4)).std.min() > 0  # constant dims do not divide by 0
+
+
+# -- SDEdit: the sampler started from a given latent ------------------------------------------------
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_edit_from_T_is_the_plain_sampler_and_from_0_the_start(sampler):
+    diff = Diffusion()
+    net = LatentDenoiser(3, 2, hidden=16, t_dim=8).eval()
+    g = torch.Generator().manual_seed(3)
+    z0, c = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    plain = diff.sample(net, c, 4.0, sampler=sampler, steps=20, generator=torch.Generator().manual_seed(1))
+    edited = diff.edit(net, z0, c, diff.T, 4.0, sampler=sampler, steps=20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain, edited)  # same noise as z_T, same steps: draw for draw
+    assert torch.equal(diff.edit(net, z0, c, 0, 4.0, sampler=sampler, steps=20, generator=g), z0)
+    mid = diff.edit(net, z0, c, 300, 4.0, sampler=sampler, steps=20, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(mid, plain) and not torch.allclose(mid, z0)
+
+
+@pytest.mark.parametrize("t_start", [1, 300, 999])
+def test_edit_with_the_oracle_denoiser_returns_its_start(t_start):
+    diff = Diffusion()
+    g = torch.Generator().manual_seed(5)
+    z0, c = 2 * torch.randn(16, 4, generator=g), torch.randn(16, 2, generator=g)
+    out = diff.edit(oracle(diff, z0), z0, c, t_start, 4.0, steps=50, generator=g)
+    assert (out - z0).abs().max().item() < 1e-4  # noised to the first step below t_start, then denoised back
+
+
+def test_toy_edit_keeps_the_start_at_small_t0_and_follows_the_condition_at_large(toy_fit):
+    diff, _, ema, std, _ = toy_fit
+    n = 200
+    z0 = std.encode(torch.full((n, 2), 2.0))  # every start in class 0's mode (+2, +2)
+    c = torch.eye(2)[[1] * n]  # ... asked for class 1, whose mode is (-2, -2)
+
+    def share_in_class_1(t0):
+        z = std.decode(diff.edit(ema.module, z0, c, t0, 1.0, generator=torch.Generator().manual_seed(9)))
+        return (z < 0).all(-1).float().mean().item()
+
+    low, high = share_in_class_1(100), share_in_class_1(diff.T)
+    print(f"\nstarted in class 0, conditioned on class 1: in class 1's mode {low:.3f} (t0=100), {high:.3f} (t0=T)")
+    assert low < 0.1 and high > 0.9

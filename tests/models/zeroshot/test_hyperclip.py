@@ -131,3 +131,37 @@ def test_guide_l2_keeps_z_closer_to_start(trained):
     print(f"\n|z - z0|: l2=0 {d_free.mean():.3f}, l2=1 {d_pulled.mean():.3f}")
     assert (d_pulled < d_free).all()
     assert (score(model, pulled, c) > score(model, z0, c)).all()  # still guided, just held nearer z0
+
+
+def test_hard_negatives_and_margin_change_the_loss_and_zero_is_plain_info_nce():
+    from models.zeroshot.hyperclip import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.nn.functional.normalize(torch.randn(8, D_TXT, generator=g), dim=-1)
+    c = torch.randn(8, D_TXT, generator=g)
+    c[1] = c[0] + 0.05 * torch.randn(D_TXT, generator=g)  # tasks 0 and 1 have near-identical descriptions
+    scale = torch.tensor(10.0)
+    plain = info_nce(e, c, scale)
+    assert torch.equal(info_nce(e, c, scale, hard=0.0, margin=0.0), plain)
+    assert info_nce(e, c, scale, margin=0.2) > plain  # a margin makes every positive harder
+    # A model that embeds each network on its own description: the near-duplicate pair (0, 1) is the one
+    # confusable negative, and weighting negatives by description similarity makes it count more.
+    aligned = torch.nn.functional.normalize(c, dim=-1)
+    assert info_nce(aligned, c, scale, hard=8.0) > info_nce(aligned, c, scale) + 0.05
+    # With equally dissimilar (orthogonal) descriptions every negative keeps weight 1: plain InfoNCE again.
+    ortho = torch.eye(8, D_TXT)
+    assert torch.allclose(info_nce(e, ortho, scale, hard=8.0), info_nce(e, ortho, scale), atol=1e-6)
+
+
+def test_hyperclip_trains_with_hard_negatives_on_a_tiny_set():
+    from models.zeroshot.training import train_hyperclip
+
+    g = torch.Generator().manual_seed(1)
+    mix = torch.randn(D_TXT, D_IN, generator=g) / math.sqrt(D_TXT)
+    v, c = toy_pairs(24, g, mix)
+    kw = dict(steps=150, lr=3e-3, hidden=(64,), batch=24, margin=0.1)
+    hard, plain = (train_hyperclip(v, c, 0, hard_negatives=h, **kw) for h in (4.0, 0.0))
+    s = score(hard, v, c)  # matched pairs
+    off = (hard.embed(v) @ torch.nn.functional.normalize(c, dim=-1).T)[~torch.eye(24, dtype=torch.bool)]
+    assert s.mean() > off.mean() + 0.3, (s.mean(), off.mean())  # it learned the pairing
+    assert not torch.equal(hard.embed(v), plain.embed(v))  # and the option changed the model

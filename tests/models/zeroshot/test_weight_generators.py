@@ -285,3 +285,18 @@ def test_training_is_deterministic_with_a_fixed_seed():
     acc_a, hl_a = train_two_opposite_tasks(steps=10)
     acc_b, hl_b = train_two_opposite_tasks(steps=10)
     assert hl_a == hl_b and torch.equal(acc_a, acc_b)
+
+
+def test_hnet_invert_finds_a_latent_that_decodes_near_the_target():
+    from models.zeroshot.hnet import HNet, invert
+
+    torch.manual_seed(0)
+    hnet = HNet(200, d_latent=8, hidden=(32,)).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    z_true = torch.randn(5, 8, generator=g)
+    w = hnet(z_true)  # targets on the decoder's manifold
+    start = torch.zeros(5, 8)
+    z = invert(hnet, w, start, steps=300, lr=0.05)
+    before, after = (hnet(start) - w).pow(2).mean(), (hnet(z) - w).pow(2).mean()
+    assert after < 0.05 * before, (before, after)
+    assert all(p.grad is None for p in hnet.parameters())

@@ -216,7 +216,7 @@ def test_default_config_is_the_issue_grid():
     assert SweepConfig().params["guidance_scale"] == [0.0, 0.5, 1.0, 1.5, 2.0, 4.0, 7.5, 15.0]
 
 
-@pytest.mark.parametrize("name", ["gamma.yaml", "guidance.yaml", "hyperldm_training.yaml"])
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "sweeps").glob("*.yaml")))
 def test_example_specs_parse(name):
     cfg = make_config(spec=ROOT / "configs" / "sweeps" / name)
     assert expand(cfg, ["random"], [0])
