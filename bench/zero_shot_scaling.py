@@ -173,6 +173,7 @@ def main() -> None:
         if r.returncode != 0:
             print(r.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"pipeline failed for N={n} (exit {r.returncode}); its log is in {a.out / f'n{n}' / 'logs'}")
+        runs = json.loads(record.read_text()) if record.exists() else {}  # re-read: another size may have run meanwhile
         runs[str(n)] = {"wall_s": round(wall, 1), "load_avg_1min": load}
         record.write_text(json.dumps(runs, indent=1) + "\n")
         print(f"N={n}: done in {wall:.0f}s, 1-minute load average {load['mean']} (max {load['max']})", flush=True)
