@@ -116,6 +116,9 @@ def make_parser(prog: str, doc: str | None, stages: tuple[str, ...], mods: dict,
     parser = base_parser(f"python -m pipelines.{prog}", (doc or "").strip().splitlines()[0] if doc else prog)
     if "features" in stages:
         parser.add_argument("--tasks", default=None, metavar="FILE", help="a JSONL task file to use instead of a suite")
+    if len(stages) > 1:
+        parser.add_argument("--until", default=None, choices=stages, metavar="STAGE",
+                            help=f"stop after this stage (one of {', '.join(stages)}; default: run them all)")
     if "sweep" in stages:
         parser.add_argument("--spec", default=None, metavar="FILE", help="sweep spec (YAML); --set overrides its keys")
         parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep (finished trials are kept)")
@@ -180,6 +183,11 @@ def run_stages(prog: str, doc: str | None, stages: tuple[str, ...] | None = None
     argv = sys.argv[1:] if argv is None else list(argv)
     mods = {s: stage_module(s) for s in stages}
     args = make_parser(prog, doc, stages, mods, argv).parse_args(argv)
+    if getattr(args, "until", None):  # the later stages are neither configured nor run
+        stages = stages[:stages.index(args.until) + 1]
+        mods = {s: mods[s] for s in stages}
+        if "sweep" not in stages and (getattr(args, "spec", None) or getattr(args, "resume", False)):
+            raise ConfigError(f"--spec and --resume are the sweep's, and --until {args.until} stops before it")
     cfgs = resolve(args, stages, mods)
     if args.print_config:
         print(config_yaml(cfgs), end="")

@@ -158,6 +158,17 @@ def test_print_config_round_trips_through_config(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_until_stops_the_pipeline_after_a_stage(capsys):
+    assert run_stages("full", None, STAGES, ["--preset", "smoke", "--until", "sweep", "--print-config"]) == 0
+    assert list(yaml.safe_load(capsys.readouterr().out)) == list(STAGES[:STAGES.index("sweep") + 1])
+    with pytest.raises(ConfigError, match="unknown stage 'fewshot'"):  # a later stage's field is refused, not ignored
+        run_stages("full", None, STAGES, ["--until", "sweep", "--set", "fewshot.seeds=0", "--print-config"])
+    with pytest.raises(ConfigError, match="--until evaluate stops before it"):
+        run_stages("full", None, STAGES, ["--until", "evaluate", "--resume", "--print-config"])
+    with pytest.raises(SystemExit):
+        run_stages("full", None, STAGES, ["--until", "nosuchstage", "--print-config"])
+
+
 def test_config_file_errors_are_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("expertz: {steps: 3}\n")

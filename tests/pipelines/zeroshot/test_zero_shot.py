@@ -27,6 +27,27 @@ def test_hvae_reconstructions_keep_expert_accuracy_within_2_points(zs_run_dir):
     assert recon >= experts - 0.02, (float(recon), float(experts))
 
 
+def test_a_procedural_given_split_holds_validation_tasks_out_of_training(zs_run_dir):
+    """`--set features.suite=procedural --set generators.splits=given` keeps the default validation share: a
+    seeded part of the meta-train tasks that no model trains on, disjoint from meta-test."""
+    from orchestrator.storage.suite_features import SuiteFeatures
+    from pipelines.generators import GeneratorsConfig
+    from pipelines.suites.base import META_TEST, META_TRAIN
+    from pipelines.zeroshot.data import load_split
+
+    feats = SuiteFeatures.load(zs_run_dir / "features")
+    assert feats.info["suite_info"]["suite"] == "procedural"
+    own = dict(zip(feats.tasks["id"], feats.tasks["split"]))
+    fraction = GeneratorsConfig().val_fraction
+    assert fraction > 0
+    data = load_split(zs_run_dir, "given", val_fraction=fraction)
+    train, val, test = set(data.train_ids), set(data.val_ids or ()), set(data.test_ids)
+    assert len(val) == round(fraction * (len(train) + len(val))) and not val & train
+    assert train | val == {t for t, s in own.items() if s == META_TRAIN} and test == {t for t, s in own.items() if s == META_TEST}
+    assert data.train.batch.n == len(train) and data.val.batch.n == len(val)  # the models' training tasks exclude them
+    assert load_split(zs_run_dir, "given", val_fraction=fraction).val_ids == data.val_ids  # seeded
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_generators_loss_curve_with_two_ddp_workers_matches_one(zs_run_dir, tmp_path):
