@@ -114,8 +114,7 @@ def launch(
     hub = new_hub() if progress_total else None
     where = {"hub": hub, "stage": stage, "run": run_label, "dir": str(local / name)}
     pool = train_pool.active()
-    # The warm group checkpoints into local folders: a run on an object store keeps Ray Train's checkpoints there.
-    warm = pool is not None and storage_fs is None and pool.fits(num_workers, cpus_per_worker, datasets)
+    warm = on_warm_group(run_dir, num_workers, cpus_per_worker, datasets)
     t0 = time.perf_counter()
     watch = contextlib.nullcontext()
     if hub is not None:
@@ -152,6 +151,16 @@ def launch(
     loop_s = returned["loop_s"] if returned is not None else 0.0
     return TrainResult(metrics=list(history), checkpoint_dir=ckpt_dir, state=state, config=saved_config, wall_s=wall,
                        loop_s=loop_s, warm=warm)
+
+
+def on_warm_group(run_dir, num_workers: int, cpus_per_worker: float, datasets: dict | None = None) -> bool:
+    """Whether `launch` with these arguments runs on the open warm worker group rather than a new Ray Train one.
+    The warm group checkpoints into local folders: a run on an object store keeps Ray Train's checkpoints there."""
+    from orchestrator import train_pool
+
+    pool = train_pool.active()
+    return (pool is not None and RunDir.of(run_dir).ray_train_storage()[1] is None
+            and pool.fits(num_workers, cpus_per_worker, datasets))
 
 
 def _unplaceable(name: str, num_workers: int, cpus_per_worker: float, start_timeout_s: float) -> TrainError:
@@ -393,6 +402,6 @@ def restore() -> tuple[dict[str, torch.Tensor] | None, int | None]:
 
 
 __all__ = [
-    "TrainError", "TrainResult", "launch", "read_checkpoint", "latest_checkpoint",
+    "TrainError", "TrainResult", "launch", "on_warm_group", "read_checkpoint", "latest_checkpoint",
     "rank", "world_size", "prepare", "unwrap", "shard", "all_mean", "report", "restore", "progress",
 ]

@@ -147,19 +147,20 @@ def train_stage(kind: str, train_one: Callable, cfg, ctx: RunContext, only: list
     if len(todo) < len(combos):
         ctx.log(f"{kind}: {len(combos) - len(todo)} of {len(combos)} models up to date, {len(todo)} to train")
     if todo:
-        from orchestrator.train import launch
+        from orchestrator.train import launch, on_warm_group
 
         cpus = int(ctx.ray.cpus) if ctx.ray is not None else 1
         workers = cfg.num_workers if cfg.ddp else min(cfg.num_workers, len(todo))
         threads = max(1, cpus // workers)
         many = train_many if batched(cfg) else None
         how = "sharing each model (DDP)" if cfg.ddp else "each training its own models" + (" at once" if many else "")
-        ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} Ray Train worker(s) x {threads} thread(s), {how}")
         steps = model_steps(kind, cfg)
         datasets, norms = {}, None
         if resolve_data_path(run, cfg) == "stream":
             ctx.log(f"{kind}: streaming the weight store through Ray Data (data_path={cfg.data_path})")
             datasets, norms = stream_inputs(run, sorted({s for s, _ in todo}), val_fraction, log=ctx.log)
+        group = "warm" if on_warm_group(run, workers, threads, datasets) else "Ray Train"
+        ctx.log(f"{kind}: training {len(todo)} model(s) on {workers} {group} worker(s) x {threads} thread(s), {how}")
         result = launch(
             _loop,
             {"train_one": train_one, "train_many": many, "kind": kind, "cfg": cfg, "run": run.to_dict(),
