@@ -25,6 +25,14 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
+COLLECT_PEERS_S = 10.0  # how long a failed launch waits for the other ranks' errors before killing them
+
+
+def _in_collective(e: Exception) -> bool:
+    """Whether a rank failed inside a torch.distributed collective, i.e. because a peer went away."""
+    return "torch/distributed/" in str(e) or "gloo" in str(e)
+
+
 @ray.remote(num_cpus=0)
 class WarmWorker:
     """One rank of the warm group: runs `orchestrator.train`'s per-worker entry for each launch it is given."""
@@ -109,16 +117,32 @@ class WarmPool:
                 done, pending = ray.wait(pending, num_returns=1)
                 try:
                     out[done[0]] = ray.get(done[0])
-                except BaseException:
-                    self.drop(actors)  # the other ranks may wait in a collective for the failed one
-                    for ref in pending:  # collected, so Ray does not print their errors as unhandled
-                        with contextlib.suppress(Exception):
-                            ray.get(ref, timeout=10)
-                    raise
+                except Exception as first:
+                    raise self._root_cause(first, pending, actors) from None
             self.launches += 1
             return [out[r] for r in refs]
         finally:
             remove_placement_group(pg)
+
+    def _root_cause(self, first: Exception, pending: list, actors: list) -> Exception:
+        """The error that says why a launch failed. When one rank raises, its peers fail inside a collective
+        ("connection closed by peer"), and either error may arrive first: the peers get a few seconds to
+        report, then every actor is killed (a rank may wait in a collective for ever), and the first error
+        raised outside torch.distributed wins."""
+        errors = [first]
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=COLLECT_PEERS_S) if pending else ([], [])
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - collected to choose the root cause
+                errors.append(e)
+        self.drop(actors)
+        for ref in pending:  # collected, so Ray does not print their errors as unhandled
+            if ref not in ready:
+                with contextlib.suppress(Exception):
+                    ray.get(ref, timeout=10)
+        own = [e for e in errors if not _in_collective(e)]
+        return (own or errors)[0]
 
     def drop(self, actors: list) -> None:
         for a in actors:

@@ -75,19 +75,27 @@ def test_either_path_resumes_the_others_checkpoint(ray_cluster, tmp_path, first_
 
 
 def one_rank_fails(config: dict) -> None:
-    """Rank 1 raises while rank 0 waits for it in a collective."""
+    """Rank 1 raises while rank 0 waits for it in a collective. With `late`, rank 1 first leaves the gloo
+    group and reports its error seconds after rank 0's "connection closed by peer" has reached the driver."""
     if train.rank() == 1:
+        if config["late"]:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            time.sleep(3)
         raise RuntimeError("rank 1 gives up")
     train.all_mean(1.0)
 
 
-def test_failed_rank_stops_the_launch_and_the_pool_recovers(ray_cluster, tmp_path):
-    """A TrainError naming the failure, not a hang; its actors are replaced and the next launch runs."""
+@pytest.mark.parametrize("late", [False, True], ids=["together", "peer-error-first"])
+def test_failed_rank_stops_the_launch_and_the_pool_recovers(ray_cluster, tmp_path, late):
+    """A TrainError naming the failing rank's own error (not its peer's lost connection), not a hang; its
+    actors are replaced and the next launch runs."""
     cfg = {**BASE, "steps": 4, "ckpt_every": 2}
     with warm_pool() as pool:
         t0 = time.perf_counter()
         with pytest.raises(train.TrainError, match="rank 1 gives up"):
-            train.launch(one_rank_fails, {}, name="toy-fail", run_dir=tmp_path, num_workers=2)
+            train.launch(one_rank_fails, {"late": late}, name="toy-fail", run_dir=tmp_path, num_workers=2)
         assert time.perf_counter() - t0 < 120 and pool.actors == []
         run = train.launch(toy_loop, cfg, name="toy-after", run_dir=tmp_path, num_workers=2)
         assert run.warm and [m["step"] for m in run.metrics] == [1, 2, 3, 4]
