@@ -36,7 +36,7 @@ class EvaluateConfig:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     """HyperCLIP guidance and HyperLDM sampler settings"""
     extra_methods: tuple[Literal[VARIANTS], ...] = ()
-    """opt-in method variants to add to the table (e.g. hvae_hybrid), each at every guidance scale it uses"""
+    """opt-in method variants to add to the table (e.g. hnet_hybrid), each at every guidance scale it uses"""
     description_ablation: bool = True
     """also score every conditioned method with another task's description and with a random string"""
     log_models: Annotated[bool, Runtime] = True

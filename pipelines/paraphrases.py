@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from orchestrator.storage.suite_features import TASKS_FILE
     from pipelines.zeroshot import paraphrases as para
     from pipelines.zeroshot.api import load_run
+    from pipelines.zeroshot.methods import METHODS
 
     args = parse(argv)
     methods = check_methods(args.methods)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in run.seeds:
             models = run.models(split, seed)
             for name in (*para.REFERENCES, *methods):
-                scales = grid if name.endswith("_hyperldm") else (None,)
+                scales = grid if "guidance_scale" in METHODS[name].uses else (None,)
                 for g in scales:
                     s = sampling if g is None else dataclasses.replace(sampling, guidance_scale=g)
                     own, rephrased = para.score(name, models, data, s, slot_c)

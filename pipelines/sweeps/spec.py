@@ -62,7 +62,7 @@ class SweepConfig:
     name: str = "gamma"
     """folder under <run_dir>/sweeps/ and the MLflow parent run's name"""
     methods: Annotated[tuple[Literal[tuple(METHODS)], ...], Field(min_length=1)] = TABLE
-    """methods to evaluate (baselines are one trial per split and seed); opt-in variants such as hvae_hybrid only when named"""
+    """methods to evaluate (baselines are one trial per split and seed); opt-in variants such as hnet_hybrid only when named"""
     splits: tuple[Literal["random", "compositional", "given"], ...] = ()
     """split modes (default: the run's plan)"""
     seeds: tuple[Seed, ...] = ()

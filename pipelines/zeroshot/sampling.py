@@ -36,7 +36,7 @@ class SamplingSettings:
     """DDIM steps (DDPM always runs all T)"""
     hybrid_t0: Annotated[int, Field(ge=0, le=1000)] = 400
     """hybrid methods: the timestep to which the text-conditioned HNet's latent is noised before the guided reverse process (0: that latent decoded; T: the plain sampler)"""
-    hybrid_fit_steps: Annotated[int, Field(ge=0, le=10000)] = 0
+    hybrid_fit_steps: Annotated[int, Field(ge=0, le=10000)] = 100
     """hybrid methods: Adam steps moving the encoded latent so the route's decoder comes nearer text-HNet's weights, before noising (0: the encoder's latent: HVAE posterior mean, HNet projection)"""
     hybrid_residual: bool = False
     """hybrid methods: true adds only the edit, decoded(edited) - decoded(start), to text-HNet's own weights (t0 = 0 is then text-HNet exactly); false returns the decoded edited latent"""

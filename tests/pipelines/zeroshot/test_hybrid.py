@@ -38,7 +38,7 @@ def test_hybrid_ends_are_the_plain_sampler_and_the_routes_copy_of_text_hnet(mode
     from pipelines.zeroshot.sampling import SamplingSettings
 
     c = models.data.test.c
-    s = SamplingSettings(guidance_scale=4.0, sampler_steps=10)
+    s = SamplingSettings(guidance_scale=4.0, sampler_steps=10, hybrid_fit_steps=0)
     at = {t0: generate(f"{route}_hybrid", models, c, dataclasses.replace(s, hybrid_t0=t0)) for t0 in (0, 400, 1000)}
     assert torch.equal(at[1000], generate(f"{route}_hyperldm", models, c, s))  # t0 = T: the plain sampler, same noise
     r = models.routes[route]
@@ -60,12 +60,12 @@ def test_hybrid_ends_are_the_plain_sampler_and_the_routes_copy_of_text_hnet(mode
     assert torch.allclose(residual[400] - w_text, at[400] - at[0], atol=1e-4)  # plus exactly the route's edit
 
 
-def test_variants_join_the_evaluate_table_only_when_named(models):
+def test_the_hvae_hybrid_is_in_the_table_and_the_hnet_one_joins_only_when_named(models):
     from pipelines.evaluate import EvaluateConfig, evaluate_split
 
     base = EvaluateConfig(guidance_scales=(4.0,), description_ablation=False, log_models=False)
     plain = {r["method"] for r in evaluate_split(models.data, models, base, "smoke")["zero_shot"]}
-    extra = evaluate_split(models.data, models, dataclasses.replace(base, extra_methods=("hvae_hybrid",)), "smoke")
-    assert "hvae_hybrid" not in plain and "hnet_hybrid" not in plain
-    assert {r["method"] for r in extra["zero_shot"]} == plain | {"hvae_hybrid"}
-    assert [r["guidance_scale"] for r in extra["zero_shot"] if r["method"] == "hvae_hybrid"] == [4.0]
+    extra = evaluate_split(models.data, models, dataclasses.replace(base, extra_methods=("hnet_hybrid",)), "smoke")
+    assert "hvae_hybrid" in plain and "hnet_hybrid" not in plain
+    assert {r["method"] for r in extra["zero_shot"]} == plain | {"hnet_hybrid"}
+    assert [r["guidance_scale"] for r in extra["zero_shot"] if r["method"] == "hnet_hybrid"] == [4.0]
