@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("hnet_hyperldm", "hvae_hyperldm", "hnet_hyperclip", "hvae_hyperclip", "text_hnet", "multitask",
+METHODS = ("hnet_hyperldm", "hvae_hyperldm", "hvae_hybrid", "hnet_hyperclip", "hvae_hyperclip", "text_hnet", "multitask",
            "nearest_task", "chance", "oracle")
 FIXED_GAMMAS = (1.0, 4.0)
 CHOSEN = "chosen on validation"

@@ -56,6 +56,7 @@ class TrainedModels:
     def __init__(self, run: RunDir | str, data: SplitData, seed: int):
         self.run, self.data, self.seed = RunDir.of(run), data, seed
         self.tuned: dict[str, float] = {}  # settings a baseline chose on the validation tasks, once per (split, seed)
+        self.hybrid_starts: dict[tuple, tuple] = {}  # the hybrids' start latents (pipelines.zeroshot.methods.hybrid)
 
     def _load(self, kind: str) -> tuple[dict, dict]:
         """(state, stage config) of this split and seed's model of `kind`."""

@@ -92,6 +92,8 @@ def test_streamed_stages_train_sane_models_like_the_memory_path(run_dir, ray_clu
     from pipelines.hyperldm import HyperLdmConfig
     from pipelines.zeroshot.data import load_split, write_plan
 
+    from orchestrator.train_pool import warm_pool
+
     runs = {}
     for path in ("stream", "memory"):
         copy = tmp_path / path
@@ -100,9 +102,12 @@ def test_streamed_stages_train_sane_models_like_the_memory_path(run_dir, ray_clu
         write_plan(copy, (SPLIT,), (0, 1), 0.15)
         gen = GeneratorsConfig(splits=(SPLIT,), seeds=(0, 1), hnet_steps=10, hvae_steps=60, hvae_batch=8, d_latent=16,
                                hidden=(32, 32), log_every=5, num_workers=2, data_path=path)
-        train("generators", gen, copy, ray_cluster)  # two workers, each its own seed: each reads its own stream
-        train("hyperclip", HyperClipConfig(steps=40, hidden=(32,), batch=8, log_every=5, num_workers=1, data_path=path),
-              copy, ray_cluster)
+        # The memory path, the reference here, trains on a warm worker group (the same loops, fewer process
+        # starts); the streamed path's launches carry Ray Data inputs, so they go to Ray Train even inside one.
+        with warm_pool():
+            train("generators", gen, copy, ray_cluster)  # two workers, each its own seed: each reads its own stream
+            train("hyperclip", HyperClipConfig(steps=40, hidden=(32,), batch=8, log_every=5, num_workers=1, data_path=path),
+                  copy, ray_cluster)
         runs[path] = copy
     stream, memory = runs["stream"], runs["memory"]
     n_train = len(load_split(stream, SPLIT).train_ids)
