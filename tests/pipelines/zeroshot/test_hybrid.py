@@ -69,3 +69,19 @@ def test_the_hvae_hybrid_is_in_the_table_and_the_hnet_one_joins_only_when_named(
     assert "hvae_hybrid" in plain and "hnet_hybrid" not in plain
     assert {r["method"] for r in extra["zero_shot"]} == plain | {"hnet_hybrid"}
     assert [r["guidance_scale"] for r in extra["zero_shot"] if r["method"] == "hnet_hybrid"] == [4.0]
+
+
+def test_the_start_fitted_once_serves_every_guidance_scale_unchanged(models):
+    """The start latent is cached per set of descriptions (it depends on neither γ nor t0): a hybrid drawn
+    after the cache is filled at another γ equals the same hybrid drawn by fresh models."""
+    from pipelines.zeroshot.methods import generate
+    from pipelines.zeroshot.sampling import SamplingSettings
+    from pipelines.zeroshot.trained import TrainedModels
+
+    c = models.data.test.c
+    s = SamplingSettings(guidance_scale=4.0, sampler_steps=10, hybrid_fit_steps=20)
+    generate("hvae_hybrid", models, c, dataclasses.replace(s, guidance_scale=1.0))  # fills the cache
+    assert any(k[:2] == ("hvae", 20) for k in models.hybrid_starts)
+    fresh = TrainedModels(models.run, models.data, models.seed)
+    assert torch.equal(generate("hvae_hybrid", models, c, s), generate("hvae_hybrid", fresh, c, s))
+    assert not torch.equal(generate("hvae_hybrid", models, c, s), generate("hvae_hybrid", models, c[:1].expand_as(c), s))
