@@ -8,6 +8,7 @@ import sys
 import pandas as pd
 import pytest
 
+from pipelines.core.names import method_name
 from tests.conftest import ROOT
 
 BENCH = ROOT / "bench" / "zero_shot_scaling.py"
@@ -41,11 +42,10 @@ def test_scaling_tables_report_the_chosen_gamma_beside_fixed_ones_with_cis(smoke
         assert res["ci_low"][label]["24"] <= by_n["24"] <= res["ci_high"][label]["24"], label
     chosen = pd.read_csv(run_dir / "sweeps" / "gamma" / "chosen.csv").set_index("method")
     zs = pd.read_csv(run_dir / "results" / "zero_shot.csv")
-    assert set(res["chosen_gamma"]) == {"hnet_hyperldm", "hvae_hyperldm"}
+    assert set(res["chosen_gamma"]) == {"hnet_hyperldm", "hvae_hyperldm", "hvae_hybrid"}  # every swept γ route
     for m, by_n in res["chosen_gamma"].items():
         assert by_n["24"] == chosen.loc[m, "guidance_scale"]
-        label = next(lb for lb in res["accuracy"] if lb.endswith("γ chosen on validation") and lb.startswith(
-            "HNet" if m.startswith("hnet") else "HVAE"))
+        label = f"{method_name(m)}, γ chosen on validation"
         at = zs[(zs["method"] == m) & (zs["guidance_scale"] == by_n["24"])]["accuracy"].mean()
         # the sweep samples with the evaluate stage's seeded generator: the same γ gives the same accuracy
         assert res["accuracy"][label]["24"] == pytest.approx(chosen.loc[m, "test_mean"]) == pytest.approx(at)
