@@ -135,16 +135,17 @@ def plot(table, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for lb, g in order(table).groupby("label", sort=False):
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    colours = plt.get_cmap("tab20").colors  # one colour per row: the default cycle repeats after 10
+    for i, (lb, g) in enumerate(order(table).groupby("label", sort=False)):
         g = g.sort_values("meta_train_tasks")
-        line, = ax.plot(g["meta_train_tasks"], 100 * g["accuracy"], marker="o", label=lb,
+        line, = ax.plot(g["meta_train_tasks"], 100 * g["accuracy"], marker="o", label=lb, color=colours[i % len(colours)],
                         ls="-" if g["gamma"].iloc[0] == CHOSEN or g["guidance_scale"].isna().all() else "--")
         ax.fill_between(g["meta_train_tasks"], 100 * g["ci_low"], 100 * g["ci_high"], color=line.get_color(), alpha=0.12)
     ax.set_xscale("log")
     ax.set_xlabel("meta-train tasks (procedural)")
     ax.set_ylabel("zero-shot query accuracy on meta-test (%)")
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the curves, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
