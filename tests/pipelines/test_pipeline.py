@@ -50,7 +50,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     assert {"suite", "split", "method", "seed", "accuracy", "guidance_scale"} <= set(table.columns)
     methods = set(table["method"])
     assert {"chance", "oracle", "nearest_task", "nearest_task_noise", "nearest_k_average", "multitask", "maml_zero_shot",
-            "text_hnet", "hnet_hyperclip", "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm"} == methods
+            "text_hnet", "hnet_hyperclip", "hvae_hyperclip", "hnet_hyperldm", "hvae_hyperldm", "hvae_hybrid"} == methods
     assert table["accuracy"].between(0, 1).all()
     oracle = table.loc[table["method"] == "oracle", "accuracy"].iloc[0]
     assert oracle > table.loc[table["method"] == "chance", "accuracy"].iloc[0]
@@ -72,7 +72,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     # The default γ sweep ran as the last stage: one child run per trial under the sweep's run, γ chosen on validation.
     sweep = children["sweep"]
     trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == sweep.info.run_id]
-    assert len(trials) == 14 == sweep.data.metrics["trials"]  # 2 HyperLDM routes x γ {0, 1} + 10 other methods
+    assert len(trials) == 16 == sweep.data.metrics["trials"]  # HyperLDM on 2 routes and the hybrid x γ {0, 1} + 10 other methods
     assert sweep.data.metrics["chosen/given/hnet_hyperldm/guidance_scale"] in (0.0, 1.0)
     assert {"results.md", "curve.png"} <= {a.path for a in client.list_artifacts(sweep.info.run_id)}
 
@@ -105,7 +105,7 @@ def test_smoke_pipeline_writes_store_and_mlflow_runs(smoke_pipeline, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "features: reusing" in r.stderr and "0 to train" in r.stderr
     assert "1 of 1 models up to date, 0 to train" in r.stderr
-    assert "sweep gamma: all 14 trials already done" in r.stderr
+    assert "sweep gamma: all 16 trials already done" in r.stderr
 
 
 def tree_digest(root: Path) -> dict[str, str]:

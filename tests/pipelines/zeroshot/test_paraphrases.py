@@ -52,7 +52,8 @@ def test_paraphrase_command_pairs_with_the_evaluate_stage(smoke_pipeline, rephra
     per_task = pd.read_csv(tmp_path / "out" / "paraphrases_tasks.csv")
     assert set(per_task["task"]) == set(test["id"])  # the meta-train task is not scored
     assert set(per_task["method"]) == {"oracle", "multitask", "nearest_task", "nearest_task_noise", "nearest_k_average",
-                                       "text_hnet", "hnet_hyperclip", "hnet_hyperldm", "hvae_hyperclip", "hvae_hyperldm"}
+                                       "text_hnet", "hnet_hyperclip", "hnet_hyperldm", "hvae_hyperclip", "hvae_hyperldm",
+                                       "hvae_hybrid"}
     assert set(per_task["guidance_scale"].dropna()) == {1.0}
     assert per_task.loc[per_task["task"] == test["id"].iloc[0], "rephrasings"].eq(2).all()
     # Own-description accuracy is the evaluate stage's, task by task: the same models, settings and sampler noise.
