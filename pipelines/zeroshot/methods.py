@@ -112,7 +112,7 @@ def hybrid(route: str) -> Weights:
 
         r = m.routes[route]
         # The start depends on neither γ nor t0: an evaluation at every γ fits it once per set of descriptions.
-        key = (route, s.hybrid_fit_steps, tuple(c.shape), hashlib.sha256(c.detach().contiguous().numpy().tobytes()).hexdigest())
+        key = (route, s.hybrid_fit_steps, hashlib.sha256(c.detach().contiguous().numpy().tobytes()).hexdigest())
         if key not in m.hybrid_starts:
             with torch.no_grad():
                 w_text = m.baselines["text_hnet"](torch.arange(len(c)), c)  # [B, P]
