@@ -298,8 +298,9 @@ def run(cfg: FewShotConfig, ctx: RunContext) -> FewShotResult:
     inputs = {"features_dir": str(feats_dir), "features_hash": feats.info.get("config_hash"), "spec": asdict(task_net(ctx.run, feats, ctx.preset))}
     base = {"config": config_values(cfg), **inputs}
     name = f"fewshot-{config_hash(cfg, inputs)}"  # a changed config never resumes another's results
+    group = "warm" if train.on_warm_group(ctx.run.root, cfg.num_workers, 1.0) else "Ray Train"
     ctx.log(f"fewshot: {list(cfg.methods)} x splits {list(cfg.splits)} x {len(cfg.seeds)} seeds x K={list(cfg.shots)} "
-            f"on {cfg.num_workers} workers -> Ray Train run {name}")
+            f"on {cfg.num_workers} {group} worker(s), run {name}")
     n_units = len(cfg.splits) * len(cfg.seeds) * (1 if cfg.mixed_shots else len(cfg.shots))
     total_steps = n_units * sum(cfg.settings(m).train_steps for m in cfg.methods)
     res = train.launch(fewshot_loop, base, name=name, run_dir=ctx.run.root, num_workers=cfg.num_workers,
