@@ -154,6 +154,10 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str,
     dashes = ["--", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (12, 3)), (0, (3, 1, 3, 4))]
     flat = [m for m in methods if names.route(m) != "reference" and not table.loc[table["method"] == m, x].notna().any()]
     style = {m: dashes[[f for f in flat if names.route(f) == names.route(m)].index(m) % len(dashes)] for m in flat}
+    # swept methods of one route (e.g. HVAE + HyperLDM and its hybrid): told apart by marker within the colour
+    markers = ["o", "s", "^", "D", "v"]
+    curved = [m for m in methods if names.route(m) != "reference" and m not in flat]
+    mark = {m: markers[[f for f in curved if names.route(f) == names.route(m)].index(m) % len(markers)] for m in curved}
     fig, axes = plt.subplots(1, len(splits), figsize=(max(5 * len(splits) + 0.5, 9.5), 5.2), squeeze=False, sharey=True)
     for ax, split in zip(axes[0], splits):
         t = table[table["split"] == split]
@@ -167,9 +171,10 @@ def curve_plot(table: pd.DataFrame, chosen: pd.DataFrame, path: Path, name: str,
                 s = g.groupby(x)[["test_accuracy", "val_accuracy"]].agg(["mean"]).sort_index()
                 xs = s.index.to_numpy(dtype=float)
                 ci = [cis[(split, method, setting_label(g[g[x] == v].iloc[0], swept))] for v in s.index]
-                ax.plot(xs, 100 * s[("test_accuracy", "mean")], marker="o", color=colour, lw=2, label=f"{label} (meta-test)")
+                ax.plot(xs, 100 * s[("test_accuracy", "mean")], marker=mark[method], color=colour, lw=2, label=f"{label} (meta-test)")
                 ax.fill_between(xs, [100 * c.low for c in ci], [100 * c.high for c in ci], color=colour, alpha=0.18)
-                ax.plot(xs, 100 * s[("val_accuracy", "mean")], ls=":", color=colour, lw=1.2, label=f"{label} (validation)")
+                ax.plot(xs, 100 * s[("val_accuracy", "mean")], ls=":", marker=mark[method], ms=4, fillstyle="none", color=colour,
+                        lw=1.2, label=f"{label} (validation)")
                 c = chosen[(chosen["split"] == split) & (chosen["method"] == method)]
                 if len(c) and x == GAMMA and pd.notna(c[GAMMA].iloc[0]):
                     ax.plot([c[GAMMA].iloc[0]], [100 * c["test_mean"].iloc[0]], marker="*", ms=15, color=colour,
